@@ -1,0 +1,78 @@
+# MaskCo trainer. Every target creates and reuses the virtual environment $(VENV) itself.
+#   make pretrain                      CPU demo on the built-in sample data (or one GPU if present)
+#   make pretrain GPUS=8 DATA=/imagenet/train CONFIG=r50_imagenet_200ep BACKEND=dali
+#   make test | make bench | make show | make ffcv DATA=/imagenet OUT=/betons | make linear CKPT=...
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= dev
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+GPUS ?= 1
+NODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+RDZV_ENDPOINT ?=
+CONFIG ?= $(if $(filter 0 1,$(GPUS)),cpu_demo,r50_imagenet_200ep)
+DATA ?=
+BACKEND ?= torch
+ARGS ?=
+OUT ?=
+CKPT ?=
+TRAIN ?=
+VAL ?=
+
+DATA_ARG := $(if $(DATA),--data=$(DATA),)
+# one process without torchrun; torchrun (c10d rendezvous) for several GPUs or nodes
+ifeq ($(RDZV_ENDPOINT),)
+RDZV := --nnodes=$(NODES) --node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
+else
+RDZV := --nnodes=$(NODES) --rdzv_backend=c10d --rdzv_endpoint=$(RDZV_ENDPOINT) --rdzv_id=maskco
+endif
+MULTI := $(filter-out 0 1,$(GPUS))$(filter-out 1,$(NODES))
+LAUNCH := $(if $(MULTI),$(VENV)/bin/torchrun --nproc_per_node=$(GPUS) $(RDZV),$(PY))
+
+.PHONY: venv pretrain test bench show ffcv linear export sample clean-venv
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(TORCH_PINS)
+	touch $@
+
+# `make venv EXTRAS=dev,ffcv,dali` adds optional backends to the environment
+venv: $(VENV)/.installed
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(TORCH_PINS)
+
+pretrain: $(VENV)/.installed
+	$(LAUNCH) -m maskco.train $(CONFIG) --backend=$(BACKEND) $(DATA_ARG) $(ARGS)
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q tests
+
+bench: $(VENV)/.installed
+	$(PY) -m maskco.bench --backend=$(or $(filter-out torch,$(BACKEND)),all) $(DATA_ARG) $(ARGS)
+
+show: $(VENV)/.installed
+	$(PY) -m maskco.show $(CONFIG) --backend=$(BACKEND) $(DATA_ARG) $(ARGS)
+
+sample: $(VENV)/.installed
+	$(PY) -m pipelines.sample_data data/sample
+
+ffcv: $(VENV)/.installed
+	@test -n "$(DATA)" -a -n "$(OUT)" || { echo "usage: make ffcv DATA=imagenet_root OUT=out_dir [ARGS=...]"; exit 2; }
+	PATH=$(abspath $(VENV))/bin:$$PATH scripts/convert_imagenet_to_ffcv.sh $(DATA) $(OUT) $(ARGS)
+
+linear: $(VENV)/.installed
+	@test -n "$(CKPT)" -a -n "$(TRAIN)" -a -n "$(VAL)" || { echo "usage: make linear CKPT=checkpoint TRAIN=train_dir VAL=val_dir [GPUS=n] [ARGS=...]"; exit 2; }
+	$(LAUNCH) -m maskco.evaluate.linear --checkpoint $(CKPT) --train $(TRAIN) --val $(VAL) $(ARGS)
+
+export: $(VENV)/.installed
+	@test -n "$(CKPT)" -a -n "$(OUT)" || { echo "usage: make export CKPT=checkpoint OUT=dir"; exit 2; }
+	$(PY) -m maskco.export $(CKPT) --out-dir $(OUT)
+
+clean-venv:
+	rm -rf $(VENV)

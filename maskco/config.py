@@ -1,0 +1,267 @@
+"""The run configuration: one frozen dataclass, YAML presets, ``--key=value`` overrides.
+
+Presets (``maskco/configs/*.yaml``) list only what differs from the defaults below; later presets and
+then overrides win. An unknown key or a badly typed value is a :class:`ConfigError` naming the valid
+keys. The config is never mutated after parsing; derived values (global batch, peak LR) come from the
+named functions at the bottom and are logged once.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import typing
+from dataclasses import dataclass, fields
+
+import yaml
+
+PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+class ConfigError(ValueError):
+    """A preset or override names an unknown key or gives a bad value."""
+
+
+CHOICES = {
+    "method": ("maskco", "mocov2"),
+    "mph": ("attn", "conv", "none"),
+    "mask_mode": ("zero", "noise", "blur", "none"),
+    "precision": ("auto", "bf16", "fp16", "fp32"),
+    "momentum_schedule": ("constant", "cosine"),
+    "key_bn": ("shuffle", "sync", "local"),
+    "backend": ("torch", "ffcv", "dali", "dali-cpu"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    # ---- method (DESIGN 4)
+    method: str = "maskco"  # maskco | mocov2 (global pooling instead of boxes: the paper's baseline)
+    arch: str = "resnet50"  # any torchvision resnet*; weights stay torchvision-shaped
+    dilated: bool = False  # dilated C5 (stride 16 instead of 32)
+    mph: str = "attn"  # Mask Prediction Head: attn (2 Transformer layers) | conv | none (ablation)
+    mph_width: int = 512  # channels inside the MPH
+    mph_layers: int = 2  # Transformer layers (attn) in the MPH
+    mph_heads: int = 8  # attention heads in the MPH
+    head_hidden: int = 2048  # projection head hidden width
+    head_dim: int = 128  # projection head output width (the contrastive embedding)
+    roi_output_size: int = 7  # RoI-align grid before averaging (sets the adaptive sampling count)
+    roi_sampling_ratio: int = 2  # bilinear samples per bin per axis; <= 0: adaptive
+    roi_fused: bool = True  # fused separable RoI-align-pool (False: torchvision roi_align + mean)
+    num_negatives: int = 16  # M: negative key boxes per image [paper]
+    intra_negatives: bool = False  # MaskCo(+in): also use the image's own M negatives
+    other_positives: bool = False  # also use the other images' positives as negatives
+    queue_size: int = 0  # MoCo-style queue of keys as extra negatives (0: off)
+    temperature: float = 0.2  # InfoNCE temperature
+    momentum: float = 0.999  # EMA momentum of the key encoder (start value if scheduled)
+    momentum_schedule: str = "constant"  # constant | cosine (to 1.0 at the end of training)
+    key_bn: str = "shuffle"  # key-branch BatchNorm under DDP: shuffle (shuffle-BN) | sync | local
+    # ---- boxes (DESIGN 4.2), fractions of a view's area; pixels of the view
+    box_area: tuple[float, float] = (0.04, 0.25)  # masked box area, fraction of the query view
+    box_aspect: tuple[float, float] = (0.5, 2.0)  # aspect ratio range (log-uniform)
+    box_min_size: float = 16.0  # minimum box side in pixels, in both views
+    min_overlap: float = 0.04  # overlap of the crops below this fraction of the query crop: invalid
+    negative_max_iou: float = 0.5  # negatives' max IoU with the positive
+    mask_mode: str = "zero"  # zero | noise | blur | none (the paper's no-mask ablation)
+    # ---- views (DESIGN 4.1): MoCo v2 augmentations
+    image_size: int = 224  # view side in pixels
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # random resized crop area fraction
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # random resized crop aspect
+    flip_prob: float = 0.5
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness contrast saturation hue
+    jitter_prob: float = 0.8
+    gray_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    # ---- data
+    data: str = "sample"  # dataset path (ImageFolder, flat folder, .txt list, .beton, .tar shards); "sample": built-in sample set
+    sample_images: int = 240  # size of the generated sample set when data == "sample"
+    sample_dir: str = "data/sample"  # where the sample set is generated
+    backend: str = "torch"  # torch | ffcv | dali | dali-cpu
+    workers: int = -1  # decode workers per rank (-1: backend default)
+    strict_data: bool = False  # stop on a corrupt image instead of skipping and counting it
+    # ---- optimisation (DESIGN 4.7)
+    batch_size: int = 32  # images per GPU (per process) [paper]
+    epochs: int = 200
+    max_steps: int = 0  # stop after this many steps in total (0: run all epochs); for smoke runs
+    base_lr: float = 0.03  # lr per 256 images; peak lr = base_lr * global batch / 256
+    min_lr: float = 0.0  # cosine end value
+    warmup_epochs: float = 10.0  # linear warm-up from 0
+    weight_decay: float = 1e-4  # not on 1-D parameters
+    sgd_momentum: float = 0.9
+    # ---- speed (DESIGN 5)
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (+ GradScaler) | fp32
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the query encoder
+    # ---- run
+    seed: int = 0
+    out_dir: str = "runs/maskco"
+    resume: str = "auto"  # auto (latest checkpoint in out_dir, if any) | none | a checkpoint path
+    log_every: int = 10  # steps between log lines (the only host syncs of the loop)
+    ckpt_every: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
+    tensorboard: bool = False
+    knn_every: int = 0  # kNN monitor every N epochs (0: off); needs knn_train and knn_val
+    knn_train: str = ""  # labelled train split for the kNN monitor
+    knn_val: str = ""  # labelled val split for the kNN monitor
+    export: bool = True  # export the final query backbone as a torchvision state dict
+
+    def to_dict(self) -> dict:
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def valid_keys() -> list[str]:
+    return [f.name for f in fields(Config)]
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid_keys(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(
+        f"unknown config key {key!r} in {where}{hint}; valid keys: {', '.join(valid_keys())}"
+    )
+
+
+def _coerce(key: str, value, where: str):
+    """Check ``value`` against the type of field ``key``; return it in that type."""
+    kind = typing.get_type_hints(Config)[key]
+    bad = ConfigError(f"config key {key!r} in {where}: expected {kind}, got {value!r}")
+    if typing.get_origin(kind) is tuple:
+        size = len(typing.get_args(kind))
+        if not isinstance(value, (list, tuple)) or len(value) != size:
+            raise bad
+        try:
+            value = tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise bad from None
+    elif kind is bool:
+        if not isinstance(value, bool):
+            raise bad
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad
+        value = float(value)
+    elif kind is str:
+        if value is None:
+            value = ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise bad
+        value = str(value)
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"config key {key!r} in {where}: {value!r} is not one of {', '.join(CHOICES[key])}")
+    return value
+
+
+def _check(cfg: Config) -> Config:
+    checks = [
+        (cfg.batch_size >= 2, "batch_size must be >= 2 (negatives come from other images)"),
+        (cfg.image_size >= 32, "image_size must be >= 32"),
+        (cfg.epochs >= 1, "epochs must be >= 1"),
+        (0.0 <= cfg.momentum <= 1.0, "momentum must be in [0, 1]"),
+        (cfg.temperature > 0, "temperature must be > 0"),
+        (cfg.num_negatives >= 0, "num_negatives must be >= 0"),
+        (cfg.box_area[0] <= cfg.box_area[1], "box_area must be (min, max)"),
+        (cfg.crop_scale[0] <= cfg.crop_scale[1], "crop_scale must be (min, max)"),
+        (cfg.arch.startswith("resnet"), "arch must be a torchvision resnet (resnet18, resnet50, ...)"),
+        (cfg.log_every >= 1, "log_every must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if cfg.method == "maskco" and cfg.num_negatives == 0 and not cfg.other_positives and cfg.queue_size == 0:
+        raise ConfigError("maskco needs negatives: num_negatives > 0, other_positives or queue_size")
+    return cfg
+
+
+def load_preset(path: str) -> dict:
+    """Read a YAML preset (a path, or a name in maskco/configs) into a dict of checked values."""
+    if not os.path.exists(path) and os.path.exists(os.path.join(PRESET_DIR, path)):
+        path = os.path.join(PRESET_DIR, path)
+    if not os.path.exists(path) and os.path.exists(os.path.join(PRESET_DIR, path + ".yaml")):
+        path = os.path.join(PRESET_DIR, path + ".yaml")
+    if not os.path.exists(path):
+        presets = sorted(p[:-5] for p in os.listdir(PRESET_DIR) if p.endswith(".yaml"))
+        raise ConfigError(f"config preset {path} not found; built-in presets: {', '.join(presets)}")
+    with open(path, encoding="utf-8") as handle:
+        try:
+            raw = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config preset {path} is not valid YAML: {error}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config preset {path} must be a mapping of key: value")
+    values = {}
+    for key, value in raw.items():
+        if key not in valid_keys():
+            raise _unknown_key(key, path)
+        values[key] = _coerce(key, value, path)
+    return values
+
+
+def parse_override(arg: str) -> tuple[str, object]:
+    """``--key=value`` -> (key, value checked against the field's type); value parsed as YAML."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"override {arg!r} must look like --key=value")
+    key, text = arg[2:].split("=", 1)
+    key = key.replace("-", "_")
+    if key not in valid_keys():
+        raise _unknown_key(key, "the command line")
+    try:
+        value = yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        value = text
+    return key, _coerce(key, value, "the command line")
+
+
+def build_config(args: typing.Sequence[str] = (), base: dict | None = None) -> Config:
+    """Presets (positional ``*.yaml`` or preset names) in order, then ``--key=value`` overrides."""
+    values = dict(base or {})
+    for arg in args:
+        if arg.startswith("--"):
+            key, value = parse_override(arg)
+            values[key] = value
+        else:
+            values.update(load_preset(arg))
+    return _check(Config(**values))
+
+
+def config_from_dict(values: dict, where: str = "a checkpoint") -> Config:
+    """Rebuild a Config from ``to_dict()`` output (e.g. stored in a checkpoint), checking every key."""
+    checked = {}
+    for key, value in values.items():
+        if key not in valid_keys():
+            raise _unknown_key(key, where)
+        checked[key] = _coerce(key, value, where)
+    return _check(Config(**checked))
+
+
+def replace(cfg: Config, **changes) -> Config:
+    """A new Config with ``changes`` (checked); the original is never mutated."""
+    return config_from_dict({**cfg.to_dict(), **changes}, "replace()")
+
+
+# ---- derived values (logged once at start)
+def global_batch(cfg: Config, world_size: int) -> int:
+    return cfg.batch_size * world_size
+
+
+def peak_lr(cfg: Config, world_size: int) -> float:
+    """The linear scaling rule: base_lr per 256 images [MoCo; DESIGN 4.7]."""
+    return cfg.base_lr * global_batch(cfg, world_size) / 256
+
+
+# fields that must agree between a checkpoint and the run resuming from it (the model's shape)
+ARCHITECTURE_KEYS = (
+    "method", "arch", "dilated", "mph", "mph_width", "mph_layers", "mph_heads", "head_hidden", "head_dim",
+    "queue_size",
+)
+__all__ = [
+    "Config", "ConfigError", "build_config", "config_from_dict", "replace", "load_preset", "valid_keys",
+    "global_batch", "peak_lr", "ARCHITECTURE_KEYS",
+]

@@ -1,0 +1,1 @@
+"""Evaluation and transfer of pretrained backbones."""

@@ -1,0 +1,127 @@
+"""Data backends. Each turns a dataset into :class:`Batch` and nothing more (DESIGN.md 2.1).
+
+Every backend cuts two views from one decoded image (random resized crop + horizontal flip + resize
+to ``image_size``), returns them as uint8, and reports where it cut: ``crop = [x0, y0, x1, y1,
+flipped]`` in [0, 1] coordinates of the source image. Box pairing (``maskco.boxes``) and photometric
+augmentation (``maskco.augment``) happen on the training device, identically for every backend.
+
+A loader returned by :func:`build_loader` is an iterable of ``Batch`` with ``len()`` = steps per
+epoch on this rank (the last partial batch is dropped, so every rank takes the same number of
+steps) and ``set_epoch(epoch, skip_batches=0)``: ``skip_batches`` resumes an interrupted epoch at
+that step, seeing the same samples the uninterrupted run would have seen next.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+from pipelines.sources import DataError  # noqa: F401  (re-exported: the one error type for bad data)
+
+
+@dataclass
+class Batch:
+    """One step of input, on the training device.
+
+    view_q, view_k: uint8 [N, 3, S, S]  the two views, geometry only (no colour change, no normalisation)
+    crop_q, crop_k: float32 [N, 5]      x0, y0, x1, y1 in [0, 1] source coordinates, and flipped (0/1)
+    index:          int64 [N] or None   dataset index of each sample
+    label:          int64 [N] or None   class label (-1 where the source has none)
+    """
+
+    view_q: torch.Tensor
+    view_k: torch.Tensor
+    crop_q: torch.Tensor
+    crop_k: torch.Tensor
+    index: Optional[torch.Tensor] = None
+    label: Optional[torch.Tensor] = None
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
+        """Move every tensor field to ``device`` (no copy where it is already there)."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            moved[f.name] = None if value is None else value.to(device, non_blocking=non_blocking)
+        return Batch(**moved)
+
+    def __len__(self) -> int:
+        return self.view_q.shape[0]
+
+
+# name -> "module:function"; imported lazily so that a missing optional backend (DALI, FFCV) only
+# fails when it is asked for, with a message that says how to install it.
+BACKENDS = {
+    "torch": "pipelines.torch_loader:build_torch_loader",
+    "ffcv": "pipelines.ffcv_loader:build_ffcv_loader",
+    "dali": "pipelines.dali_loader:build_dali_loader",
+    "dali-cpu": "pipelines.dali_loader:build_dali_cpu_loader",
+}
+
+INSTALL_HINTS = {
+    "ffcv": "install it with `pip install -e .[ffcv]` after `apt-get install -y pkg-config "
+    "libopencv-dev libturbojpeg0-dev`",
+    "dali": "install it with `pip install -e .[dali]` (nvidia-dali-cuda130)",
+    "dali-cpu": "install it with `pip install -e .[dali]` (nvidia-dali-cuda130)",
+}
+
+
+def build_loader(
+    backend: str,
+    source: str,
+    *,
+    batch_size: int,
+    image_size: int,
+    device: torch.device | str,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    workers: Optional[int] = None,
+    crop_scale: tuple[float, float] = (0.2, 1.0),
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip_prob: float = 0.5,
+    **backend_options,
+):
+    """Build the loader of ``backend`` over ``source``; see the module docstring for its protocol.
+
+    source: an ImageFolder root, a flat folder of images, a ``.txt`` list of image paths, or what the
+    backend reads natively (``.beton`` for FFCV, webdataset ``.tar`` shards for DALI).
+    batch_size: images per step on this rank.  workers: decode processes/threads (None: backend default).
+    crop_scale, crop_ratio, flip_prob: the random-resized-crop and flip of both views (MoCo v2 defaults).
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown data backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    module_name, function_name = BACKENDS[backend].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        hint = INSTALL_HINTS.get(backend, "")
+        raise ImportError(f"data backend {backend!r} is not available ({error}); {hint}") from error
+    build = getattr(module, function_name)
+    return build(
+        source,
+        batch_size=batch_size,
+        image_size=image_size,
+        device=torch.device(device),
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        workers=workers,
+        crop_scale=tuple(crop_scale),
+        crop_ratio=tuple(crop_ratio),
+        flip_prob=flip_prob,
+        **backend_options,
+    )
+
+
+def available_backends() -> dict[str, str]:
+    """Map every backend name to "" if it imports, else to the reason it does not."""
+    status = {}
+    for name, target in BACKENDS.items():
+        try:
+            importlib.import_module(target.split(":")[0])
+            status[name] = ""
+        except ImportError as error:
+            status[name] = f"{error}; {INSTALL_HINTS.get(name, '')}".strip("; ")
+    return status

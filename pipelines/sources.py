@@ -1,0 +1,114 @@
+"""Where images come from: one listing shared by every backend and by the FFCV writer.
+
+A source is one of
+- an ImageFolder root: ``root/<class>/<image>`` (labels are the sorted class names' indices);
+- a flat folder of images, searched recursively (COCO-style, unlabeled: label -1);
+- a ``.txt`` file with one image path per line, optionally followed by whitespace and an integer
+  label (web-scale lists); relative paths are taken relative to the list's folder; ``#`` comments.
+
+Every problem with the source itself is a :class:`DataError` that names the path.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+class DataError(ValueError):
+    """The data source is missing, empty or malformed; the message names the path."""
+
+
+@dataclass(frozen=True)
+class ImageList:
+    paths: list[str]
+    labels: list[int]  # -1 where the source has no labels
+    classes: list[str]  # empty for unlabeled sources
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except PermissionError as error:
+        raise DataError(f"cannot read directory {path}: permission denied") from error
+    except OSError as error:
+        raise DataError(f"cannot read directory {path}: {error.strerror or error}") from error
+
+
+def _walk_images(root: str) -> list[str]:
+    found = []
+    for name in _listdir(root):
+        path = os.path.join(root, name)
+        if os.path.isdir(path):
+            found.extend(_walk_images(path))
+        elif is_image_file(name):
+            found.append(path)
+    return found
+
+
+def _from_folder(root: str) -> ImageList:
+    entries = _listdir(root)
+    class_dirs = [e for e in entries if os.path.isdir(os.path.join(root, e)) and not e.startswith(".")]
+    loose_images = [e for e in entries if is_image_file(e)]
+    if class_dirs and not loose_images:  # ImageFolder
+        paths, labels, empty = [], [], []
+        for label, name in enumerate(class_dirs):
+            images = _walk_images(os.path.join(root, name))
+            if not images:
+                empty.append(os.path.join(root, name))
+            paths.extend(images)
+            labels.extend([label] * len(images))
+        if empty:
+            raise DataError(
+                f"{len(empty)} class folder(s) under {root} hold no images "
+                f"(extensions {', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty[:5])}"
+                + (" ..." if len(empty) > 5 else "")
+            )
+        return ImageList(paths, labels, class_dirs)
+    paths = _walk_images(root)
+    if not paths:
+        raise DataError(f"no images found under {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return ImageList(paths, [-1] * len(paths), [])
+
+
+def _from_list(list_file: str) -> ImageList:
+    base = os.path.dirname(os.path.abspath(list_file))
+    paths, labels = [], []
+    with open(list_file, encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.rsplit(maxsplit=1)
+            label = -1
+            if len(parts) == 2 and parts[1].lstrip("-").isdigit():
+                line, label = parts[0], int(parts[1])
+            paths.append(line if os.path.isabs(line) else os.path.join(base, line))
+            labels.append(label)
+    if not paths:
+        raise DataError(f"image list {list_file} names no images")
+    labelled = sorted({label for label in labels if label >= 0})
+    classes = [str(label) for label in range(labelled[-1] + 1)] if labelled else []
+    return ImageList(paths, labels, classes)
+
+
+def list_images(source: str) -> ImageList:
+    """List the images (and labels) of ``source``; raise :class:`DataError` if there are none."""
+    source = os.path.expanduser(str(source))
+    if not os.path.exists(source):
+        raise DataError(f"data source {source} does not exist")
+    if os.path.isdir(source):
+        return _from_folder(source)
+    if source.endswith(".txt"):
+        return _from_list(source)
+    raise DataError(
+        f"cannot read data source {source}: expected an image folder or a .txt list of image paths"
+    )
