@@ -23,7 +23,7 @@ def git_revision() -> str:
 
 
 class RunLog:
-    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = False, total_steps: int = 0):
+    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = False):
         self.enabled = enabled
         self.file = None
         self.writer = None
@@ -38,10 +38,15 @@ class RunLog:
             except ImportError as error:  # tensorboard is an optional dependency
                 raise ImportError(f"tensorboard=true needs the tensorboard package: {error}") from error
             self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
-        if sys.stderr.isatty() and total_steps:
+        self.total_steps = 0
+
+    def start_progress(self, total_steps: int, done: int) -> None:
+        """A progress bar (img/s, ETA, loss) on a terminal; nothing when stderr is a file or pipe."""
+        self.total_steps = total_steps
+        if self.enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, unit="step", dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=total_steps, initial=done, unit="step", dynamic_ncols=True, file=sys.stderr)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -52,6 +57,8 @@ class RunLog:
         self.file.flush()
         if self.bar is not None:
             self.bar.write(line, file=sys.stdout)
+            if "img_per_s" in record:
+                self._progress(record)
         else:
             print(line, flush=True)
         if self.writer is not None and "step" in record:
@@ -59,14 +66,12 @@ class RunLog:
                 if isinstance(value, (int, float)) and key not in ("step", "time", "epoch"):
                     self.writer.add_scalar(key, value, record["step"])
 
-    def progress(self, step: int, images_per_s: float, eta_s: float, loss: float | None = None) -> None:
-        if self.bar is None:
-            return
-        self.bar.n = step
-        postfix = {"img/s": f"{images_per_s:.0f}", "eta": f"{eta_s / 60:.1f}min"}
-        if loss is not None:
-            postfix["loss"] = f"{loss:.3f}"
-        self.bar.set_postfix(postfix, refresh=True)
+    def _progress(self, record: dict) -> None:
+        steps_left = max(0, self.total_steps - record["step"])
+        eta = steps_left / max(record.get("steps_per_s", 1e-9), 1e-9)
+        self.bar.n = record["step"]
+        self.bar.set_postfix({"img/s": f"{record['img_per_s']:.0f}", "eta": f"{eta / 60:.1f}min",
+                              "loss": f"{record.get('loss', float('nan')):.3f}"}, refresh=True)
 
     def close(self) -> None:
         if self.bar is not None:

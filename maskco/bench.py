@@ -1,0 +1,375 @@
+"""``python -m maskco.bench``: where the time goes, against baselines measured in the same run.
+
+Figures (img/s, median and spread over repeats, each after a warm-up, device synchronised around
+the timed region):
+  decode      decode-only ceiling: libjpeg-turbo (torchvision.io.decode_jpeg) on the same files and threads
+  baseline    the reference MoCo v2 input pipeline (ImageFolder + PIL + two-crop MoCo v2 transforms)
+  loader      each backend's Batch (two uint8 views + windows) on the device
+  ready       loader + boxes + photometric augmentation + masking + normalisation (what the model eats)
+  step        train step on synthetic ready inputs: maskco and mocov2, with and without the MPH
+  e2e         real data, full step, per backend; and the fraction of the time spent waiting for data
+  roi_pool    fused vs reference, forward + backward (maskco.microbench)
+Output: a table on the terminal, JSON lines in out_dir/bench.jsonl, a bar chart out_dir/bench.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import torch
+
+import pipelines
+from maskco import microbench
+from maskco.config import build_config, replace
+from maskco.method import MethodSpec, forward_loss, ready_inputs
+from maskco.runlog import git_revision
+from maskco.train import amp_dtype, build_encoders, build_optimizer, unwrap
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, items_per_call: int, device: torch.device, repeats: int, warmup: int = 1) -> dict:
+    """Run ``fn`` warmup + repeats times; img/s of each timed call -> median and spread."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    rates = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        rates.append(items_per_call / (time.perf_counter() - start))
+    return {"img_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": repeats}
+
+
+# ---- 1. decode ceiling
+def decode_ceiling(paths: list[str], threads: int, device, repeats: int) -> dict:
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    def decode_all():
+        with ThreadPoolExecutor(threads) as pool:  # decode_jpeg releases the GIL
+            list(pool.map(lambda p: decode_jpeg(read_file(p), mode=ImageReadMode.RGB), paths))
+
+    torch.set_num_threads(1)
+    try:
+        return timed(decode_all, len(paths), torch.device("cpu"), repeats)
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ---- 2. the reference MoCo v2 loader
+def baseline_loader(root: str, batch_size: int, image_size: int, threads: int, device, batches: int):
+    from PIL import ImageFilter
+    import random
+    from torchvision import datasets, transforms
+
+    class Blur:  # MoCo v2's GaussianBlur (PIL), as in facebookresearch/moco main_moco.py
+        def __call__(self, image):
+            return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
+
+    class TwoCrops:
+        def __init__(self, transform):
+            self.transform = transform
+
+        def __call__(self, image):
+            return self.transform(image), self.transform(image)
+
+    moco_v2 = transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
+        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        transforms.RandomGrayscale(p=0.2),
+        transforms.RandomApply([Blur()], p=0.5),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+    ])
+    dataset = datasets.ImageFolder(root, TwoCrops(moco_v2))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=threads,
+                                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=True)
+    return _iterate_rate(loader, batches, batch_size, device, lambda b: [t.to(device, non_blocking=True) for t in b[0]])
+
+
+def _iterate_rate(loader, batches: int, batch_size: int, device, consume, repeats: int = 3) -> dict:
+    """img/s of ``batches`` batches of ``loader`` (after one warm-up batch), ``repeats`` times."""
+    rates = []
+    iterator = iter(loader)
+    consume(next(iterator))  # warm-up: workers started, first batch
+    for _ in range(repeats):
+        _sync(device)
+        start, seen = time.perf_counter(), 0
+        for _ in range(batches):
+            try:
+                item = next(iterator)
+            except StopIteration:
+                if hasattr(loader, "set_epoch"):
+                    loader.set_epoch(getattr(loader, "_bench_epoch", 0) + 1)
+                    loader._bench_epoch = getattr(loader, "_bench_epoch", 0) + 1
+                iterator = iter(loader)
+                item = next(iterator)
+            consume(item)
+            seen += batch_size
+        _sync(device)
+        rates.append(seen / (time.perf_counter() - start))
+    return {"img_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": repeats}
+
+
+# ---- 5. the step on synthetic ready inputs
+class Trainer:
+    """The trainer's pieces (same builders as maskco.train) for one config, stepping on given inputs."""
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device = cfg, device
+        self.encoder_q, self.encoder_k = build_encoders(cfg, device, distributed=False)
+        self.optimizer = build_optimizer(cfg, self.encoder_q, device)
+        self.spec = MethodSpec.from_config(cfg, shuffle_bn=False)
+        self.dtype = amp_dtype(cfg, device)
+        self.generator = torch.Generator(device=device).manual_seed(0)
+        for group in self.optimizer.param_groups:
+            group["lr"] = 1e-3
+
+    def ready(self, batch):
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            return ready_inputs(batch, self.spec, self.generator)
+
+    def step(self, inputs) -> None:
+        from maskco.model import momentum_update
+
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            value, _, _ = forward_loss(self.encoder_q, self.encoder_k, inputs, self.spec, None)
+        self.optimizer.zero_grad(set_to_none=True)
+        value.backward()
+        self.optimizer.step()
+        momentum_update(self.encoder_k, unwrap(self.encoder_q), 0.999)
+
+
+def synthetic_batch(batch_size: int, image_size: int, device) -> pipelines.Batch:
+    generator = torch.Generator().manual_seed(0)
+    views = torch.randint(0, 256, (2, batch_size, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
+    lo = torch.rand(2, batch_size, 2, generator=generator) * 0.3
+    hi = lo + 0.5 + torch.rand(2, batch_size, 2, generator=generator) * 0.2
+    flip = (torch.rand(2, batch_size, 1, generator=generator) < 0.5).float()
+    crops = torch.cat([lo, hi, flip], dim=-1)  # [2, N, 5]
+    return pipelines.Batch(views[0], views[1], crops[0], crops[1]).to(device)
+
+
+def step_figures(cfg, device, steps: int, repeats: int) -> list[dict]:
+    rows = []
+    batch = synthetic_batch(cfg.batch_size, cfg.image_size, device)
+    for method in ("maskco", "mocov2"):
+        for mph in ("attn", "none"):
+            trainer = Trainer(replace(cfg, method=method, mph=mph), device)
+            inputs = trainer.ready(batch)
+            result = timed(lambda: [trainer.step(inputs) for _ in range(steps)], steps * cfg.batch_size, device,
+                           repeats)
+            rows.append({"figure": "step", "name": f"{method}/mph={mph}", **result})
+            del trainer
+    trainer = Trainer(cfg, device)  # boxes + augmentation + masking alone, for the step's overhead
+    result = timed(lambda: [trainer.ready(batch) for _ in range(steps)], steps * cfg.batch_size, device, repeats)
+    rows.append({"figure": "ready_synthetic", "name": "boxes+augment+mask", **result})
+    return rows
+
+
+# ---- 3, 4, 6: per backend
+def backend_figures(backend: str, source: str, cfg, device, threads: int, batches: int, e2e: bool) -> list[dict]:
+    loader = pipelines.build_loader(backend, source, batch_size=cfg.batch_size, image_size=cfg.image_size,
+                                    device=device, workers=threads, seed=0)
+    loader.set_epoch(0)
+    rows = [{"figure": "loader", "name": backend,
+             **_iterate_rate(loader, batches, cfg.batch_size, device, lambda b: b.view_q)}]
+    trainer = Trainer(cfg, device)
+    rows.append({"figure": "ready", "name": backend,
+                 **_iterate_rate(loader, batches, cfg.batch_size, device, trainer.ready)})
+    if e2e:
+        waits = []
+
+        def full(batch):
+            trainer.step(trainer.ready(batch))
+
+        def timed_iter():
+            iterator, total, wait = iter(loader), time.perf_counter(), 0.0
+            for _ in range(batches):
+                tick = time.perf_counter()
+                try:
+                    batch = next(iterator)
+                except StopIteration:
+                    iterator = iter(loader)
+                    batch = next(iterator)
+                _sync(device)
+                wait += time.perf_counter() - tick
+                full(batch)
+            _sync(device)
+            waits.append(wait / (time.perf_counter() - total))
+
+        full(next(iter(loader)))
+        result = timed(timed_iter, batches * cfg.batch_size, device, repeats=3, warmup=0)
+        rows.append({"figure": "e2e", "name": backend, **result, "data_wait": statistics.median(waits)})
+    if hasattr(loader, "close"):
+        loader.close()
+    return rows
+
+
+def environment(device, threads: int) -> dict:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"machine": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": threads, "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
+            "git": git_revision(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def report(rows: list[dict], out_dir: str, env: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench.jsonl"), "a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps({**env, **row}) + "\n")
+    ceiling = next((r for r in rows if r["figure"] == "decode"), None)
+    baseline = next((r for r in rows if r["figure"] == "baseline"), None)
+    print(f"\n{'figure':<16}{'name':<22}{'img/s':>10}{'min-max':>18}   ratio")
+    for row in rows:
+        reference = {"loader": ceiling, "ready": baseline}.get(row["figure"])
+        ratio = f"{row['img_per_s'] / reference['img_per_s']:.2f}x {reference['figure']}" if reference else ""
+        if "data_wait" in row:
+            ratio += f"waiting for data {row['data_wait']:.0%}"
+        spread = f"{row['min']:.1f}-{row['max']:.1f}"
+        print(f"{row['figure']:<16}{row['name']:<22}{row['img_per_s']:>10.1f}{spread:>18}   {ratio}")
+    _chart(rows, os.path.join(out_dir, "bench.png"), env)
+
+
+def _chart(rows: list[dict], path: str, env: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['figure']}: {r['name']}" for r in rows]
+    values = [r["img_per_s"] for r in rows]
+    figure, axis = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    axis.barh(labels[::-1], values[::-1], color="#3b7dd8")
+    axis.set_xlabel("images / s (median)")
+    axis.set_title(f"maskco bench — {env['gpu'] or env['cpu']} ({env['threads']} threads), {env['date']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, as ratios of figures measured in this run (reported, never asserted)."""
+    get = {(r["figure"], r["name"]): r["img_per_s"] for r in rows}
+    lines = []
+    best_ready = max((v for (f, _), v in get.items() if f == "ready"), default=None)
+    best_loader = max((v for (f, _), v in get.items() if f == "loader"), default=None)
+    if best_ready and ("baseline", "baseline") in get:
+        lines.append(f"best ready inputs / baseline loader = {best_ready / get['baseline', 'baseline']:.2f}x (target >= 3x)")
+    if best_loader and ("decode", "decode") in get:
+        lines.append(f"best loader / decode ceiling = {best_loader / get['decode', 'decode']:.0%} (target >= 50%)")
+    for mph in ("attn", "none"):
+        maskco, mocov2 = get.get(("step", f"maskco/mph={mph}")), get.get(("step", f"mocov2/mph={mph}"))
+        if maskco and mocov2:
+            lines.append(f"maskco step time / mocov2 step time (mph={mph}) = {mocov2 / maskco:.3f}x (target <= 1.15x)")
+    ready, step = get.get(("ready_synthetic", "boxes+augment+mask")), get.get(("step", "maskco/mph=attn"))
+    if ready and step:
+        lines.append(f"boxes+augment+mask time / maskco step time = {step / ready:.1%}")
+    for (figure, name), value in get.items():
+        if figure == "e2e" and ("step", "maskco/mph=attn") in get:
+            lines.append(f"e2e {name} / synthetic step = {value / get['step', 'maskco/mph=attn']:.0%} (GPU target >= 95%)")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m maskco.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="all", help="all | torch | ffcv | dali | dali-cpu (comma list)")
+    parser.add_argument("--data", default="", help="ImageFolder root (default: a generated benchmark set)")
+    parser.add_argument("--ffcv-data", default="", help=".beton for the ffcv backend (default: written from --data)")
+    parser.add_argument("--images", type=int, default=1000, help="size of the generated benchmark set")
+    parser.add_argument("--config", default="", help="a preset for the model (default: ResNet-50 defaults)")
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batches", type=int, default=8, help="batches per timed loader repeat")
+    parser.add_argument("--steps", type=int, default=3, help="steps per timed step repeat")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip", default="", help="comma list of figures to skip: decode,baseline,loader,step,e2e,roi")
+    parser.add_argument("--out-dir", default="runs/bench")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    skip = set(filter(None, args.skip.split(",")))
+    cfg = build_config([args.config] if args.config else [], base=dict(
+        arch=args.arch, batch_size=args.batch_size, image_size=args.image_size,
+        box_min_size=min(16.0, args.image_size / 8), workers=args.threads))
+    env = environment(device, args.threads)
+    print(json.dumps(env))
+    root = args.data
+    if not root:
+        from pipelines.sample_data import make_sample_data
+
+        root = make_sample_data(os.path.join("data", f"bench{args.images}"), num_images=args.images)
+    from pipelines.sources import list_images
+
+    paths = list_images(root).paths
+    rows = []
+
+    def add(new_rows):
+        for row in new_rows:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    if "decode" not in skip:
+        add([{"figure": "decode", "name": "decode", **decode_ceiling(paths, args.threads, device, args.repeats)}])
+    if "baseline" not in skip:
+        add([{"figure": "baseline", "name": "baseline",
+              **baseline_loader(root, args.batch_size, args.image_size, args.threads, device, args.batches)}])
+    wanted = list(pipelines.BACKENDS) if args.backend == "all" else args.backend.split(",")
+    available = pipelines.available_backends()
+    for backend in wanted:
+        if available.get(backend, "unknown backend"):
+            add([{"figure": "skipped", "name": backend, "reason": available.get(backend, "unknown backend"),
+                  "img_per_s": 0.0, "min": 0.0, "max": 0.0}])
+            continue
+        if backend == "dali" and device.type != "cuda":
+            add([{"figure": "skipped", "name": backend, "reason": "no CUDA device (dali-cpu runs DALI on the CPU)",
+                  "img_per_s": 0.0, "min": 0.0, "max": 0.0}])
+            continue
+        source = root
+        if backend == "ffcv":
+            source = args.ffcv_data or _beton(root, args.out_dir)
+        if "loader" not in skip:
+            add(backend_figures(backend, source, cfg, device, args.threads, args.batches, e2e="e2e" not in skip))
+    if "step" not in skip:
+        add(step_figures(cfg, device, args.steps, args.repeats))
+    if "roi" not in skip:
+        add([{"figure": "micro", "name": f"{r['group']}/{r['impl']}", **r, "img_per_s": 1000.0 / r["median_ms"],
+              "min": 1000.0 / r["max_ms"], "max": 1000.0 / r["min_ms"], "unit": "calls/s"}
+             for r in microbench.run(device, None if device.type == "cpu" else 20)])
+    report([r for r in rows if r["figure"] != "skipped"], args.out_dir, env)
+    for row in rows:
+        if row["figure"] == "skipped":
+            print(f"skipped {row['name']}: {row['reason']}")
+    for line in targets(rows):
+        print(line)
+    with open(os.path.join(args.out_dir, "bench.jsonl"), "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({**env, "figure": "targets", "lines": targets(rows)}) + "\n")
+    return 0
+
+
+def _beton(root: str, out_dir: str) -> str:
+    """Write (once) a .beton of the benchmark images for the ffcv backend."""
+    from pipelines import ffcv_writer
+
+    path = os.path.join(out_dir, os.path.basename(os.path.normpath(root)) + ".beton")
+    if not os.path.exists(path):
+        ffcv_writer.write_beton(root, path)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Distributed helpers: torchrun init (one plain process without it), gathers, shuffle-BN for the key branch.
+
+Every function works without a process group (one process), so the trainer has a single code path.
+"""
+import datetime
+import gc
+import os
+from typing import NamedTuple
+
+import torch
+import torch.distributed
+
+
+# newer torch renamed all_gather_into_tensor (same arguments) and warns on the old name; 2.11 has only the old
+_all_gather_single = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+
+
+class DistInfo(NamedTuple):
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def init_distributed(device: str | None = None, init_method: str | None = None,
+                     timeout: datetime.timedelta | None = None) -> DistInfo:
+    """Join the torchrun job described by RANK / WORLD_SIZE / LOCAL_RANK -> ``(rank, world_size, local_rank, device)``.
+
+    ``device``: "cuda", "cpu" or None (CUDA when available). NCCL on CUDA (one GPU per process, picked by
+    LOCAL_RANK), gloo on CPU. Without torchrun's variables this is one process and no process group is made.
+    ``init_method`` defaults to torchrun's ``env://`` (MASTER_ADDR / MASTER_PORT); tests pass ``file://``.
+    """
+    if device not in (None, "cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda', 'cpu' or None, got {device!r}")
+    use_cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch.cuda.is_available() is False")
+    if "RANK" not in os.environ and "WORLD_SIZE" not in os.environ:
+        return DistInfo(0, 1, 0, torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"))
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise ValueError("environment has only one of RANK / WORLD_SIZE; launch with torchrun (it sets both)")
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if use_cuda:
+        device_ = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device_)
+        # device_id binds NCCL to this GPU now (no guessing in barrier(), no stray context on GPU 0)
+        torch.distributed.init_process_group("nccl", init_method=init_method, timeout=timeout, rank=rank,
+                                      world_size=world_size, device_id=device_)
+    else:
+        device_ = torch.device("cpu")
+        torch.distributed.init_process_group("gloo", init_method=init_method, timeout=timeout, rank=rank,
+                                      world_size=world_size)
+    return DistInfo(rank, world_size, local_rank, device_)
+
+
+def is_distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def get_rank() -> int:
+    return torch.distributed.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return torch.distributed.get_world_size() if is_distributed() else 1
+
+
+def shutdown(*objects_to_drop) -> None:
+    """End the process group cleanly; a no-op without one.
+
+    Leaving the group to interpreter teardown is unordered: gloo can abort at exit ("terminate called
+    without an active exception") and NCCL warns that the group was never destroyed. DDP's reducer holds
+    the group, so the caller first drops its own references to the DDP model and the optimizer
+    (``del model, optimizer``, or hands the last references in here) and ``gc.collect()`` frees them before
+    the group goes. The barrier keeps a fast rank from tearing the group down while a slow one is still in
+    its last collective.
+    """
+    del objects_to_drop
+    gc.collect()
+    if is_distributed():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+@torch.no_grad()
+def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
+    """``[N, ...]`` from every rank -> ``[world_size * N, ...]`` in rank order; ``x`` itself without a group.
+
+    No gradient flows back (MoCo's ``concat_all_gather``). Every rank must pass the same shape (the loaders
+    drop the last partial batch). A channels_last ``[N, C, H, W]`` stays channels_last: it is gathered as its
+    contiguous ``[N, H, W, C]`` view instead of being copied to NCHW first.
+    """
+    if get_world_size() == 1:
+        return x
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    rows = x.permute(0, 2, 3, 1) if channels_last else x.contiguous()  # contiguous either way
+    out = rows.new_empty((get_world_size() * rows.shape[0],) + tuple(rows.shape[1:]))  # [W*N, ...]
+    _all_gather_single(out, rows)
+    return out.permute(0, 3, 1, 2) if channels_last else out
+
+
+@torch.no_grad()
+def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over ranks (for logging): a new tensor under a process group, ``x`` itself without one."""
+    if get_world_size() == 1:
+        return x
+    total = x.clone()
+    torch.distributed.all_reduce(total)  # SUM
+    return total / get_world_size()
+
+
+def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[idx]`` along dim 0 that keeps a channels_last ``[N, C, H, W]`` channels_last."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return x.permute(0, 2, 3, 1)[idx].permute(0, 3, 1, 2)
+    return x[idx]
+
+
+@torch.no_grad()
+def shuffle_batch(x: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Shuffle-BN, step 1 (MoCo's ``batch_shuffle_ddp``): ``[N, ...]`` -> (``[N, ...]`` from all ranks, idx_unshuffle).
+
+    Every rank gathers all ``world_size * N`` images, draws the same permutation and keeps its slice, so
+    the key encoder's BatchNorm never sees a query's own positive alongside the rest of its local batch.
+    MoCo draws the permutation on rank 0 and broadcasts it; here ``generator`` must be seeded with the
+    SAME seed on every rank (e.g. ``cfg.seed``, not ``seed + rank``) and used only for this, so every rank
+    computes the identical permutation and no broadcast (and no extra latency) is needed. Keep the
+    generator on the training device so ``randperm`` does not sync. ``world_size == 1``: no gather,
+    no shuffle, ``(x, None)``: permuting one batch cannot change its BatchNorm statistics.
+    https://github.com/facebookresearch/moco/blob/main/moco/builder.py
+    """
+    world_size = get_world_size()
+    if world_size == 1:
+        return x, None
+    x_all = concat_all_gather(x)  # [W*N, ...]
+    device = generator.device if generator is not None else x.device
+    idx_shuffle = torch.randperm(x_all.shape[0], generator=generator, device=device).to(x.device)  # [W*N]
+    idx_unshuffle = torch.argsort(idx_shuffle)  # [W*N]
+    idx_this = idx_shuffle.view(world_size, -1)[get_rank()]  # [N]
+    return _take_rows(x_all, idx_this), idx_unshuffle
+
+
+@torch.no_grad()
+def unshuffle_batch(y: torch.Tensor, idx_unshuffle: torch.Tensor | None) -> torch.Tensor:
+    """Shuffle-BN, step 2 (``batch_unshuffle_ddp``): the key feature map of the shuffled batch ``[N, ...]`` ->
+    this rank's own samples in their original order ``[N, ...]`` (the key boxes index that order)."""
+    if idx_unshuffle is None:
+        return y
+    y_all = concat_all_gather(y)  # [W*N, ...]
+    idx_this = idx_unshuffle.view(get_world_size(), -1)[get_rank()]  # [N]
+    return _take_rows(y_all, idx_this)

@@ -1,0 +1,266 @@
+"""The MaskCo network (DESIGN 4.4): ResNet trunk, Mask Prediction Head (MPH), projection head, EMA key copy.
+
+Paper symbols: ``net_q`` = ``Encoder.backbone`` + ``Encoder.mph``, ``head_q`` = ``Encoder.head``; ``net_k`` /
+``head_k`` are the same modules of ``build_key_encoder(encoder_q)``, updated by ``momentum_update`` as
+``p_k = m p_k + (1 - m) p_q``. A step reads::
+
+    q = encoder_q(x_q, masked[:, None])                               # [N, 1, D]
+    k = encoder_k.embed(key_features(encoder_k, x_k, gen), boxes_k)   # [N, 1+M, D], no grad
+
+``backbone`` stays a plain torchvision ResNet (``fc = nn.Identity()``), so ``backbone_state_dict`` is what
+transfers; the MPH and the head are dropped at transfer time.
+"""
+import copy
+import math
+import weakref
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models.resnet import Bottleneck
+
+from maskco import dist, roi
+
+ARCHS = tuple(name for name in torchvision.models.resnet.__all__ if name[0].islower())  # resnet18 ... wide_resnet101_2
+MPH_KINDS = ("attn", "conv", "none")
+
+
+def sine_position_embedding(height: int, width: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """DETR's 2D sine positions (normalize=True, scale 2*pi) -> ``[H*W, dim]``, row-major like ``flatten(2)``.
+
+    The first ``dim / 2`` channels encode y, the rest x; each half interleaves sin and cos over geometric
+    frequencies. Normalising the coordinates to (0, 2*pi] makes a 4x4 map (96-128 px) and a 14x14 map
+    (dilated, 224 px) span the same phase range, so the MPH sees comparable positions at every size.
+    https://github.com/facebookresearch/detr/blob/main/models/position_encoding.py
+    """
+    if dim % 4 != 0:
+        raise ValueError(f"dim must be divisible by 4 for 2D sine positions, got {dim}")
+    half = dim // 2
+    y = torch.arange(1, height + 1, device=device, dtype=torch.float32) / (height + 1e-6) * 2 * math.pi  # [H]
+    x = torch.arange(1, width + 1, device=device, dtype=torch.float32) / (width + 1e-6) * 2 * math.pi  # [W]
+    freq = 10000.0 ** (2 * (torch.arange(half, device=device) // 2) / half)  # [half]
+    pos_y = y[:, None] / freq  # [H, half]
+    pos_x = x[:, None] / freq  # [W, half]
+    pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)  # [H, half]
+    pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)  # [W, half]
+    pos = torch.cat((pos_y[:, None].expand(-1, width, -1), pos_x[None].expand(height, -1, -1)), dim=2)  # [H, W, dim]
+    return pos.flatten(0, 1).to(dtype)  # [H*W, dim]
+
+
+class AttentionMPH(nn.Module):
+    """Residual Transformer MPH: ``x + expand(encoder(reduce(x) + pos))`` on the C5 tokens.
+
+    Pre-norm layers (``norm_first=True``) plus a final LayerNorm: pre-norm keeps an identity path through
+    every layer, so it trains with SGD at MoCo's learning rate without the learning-rate warm-up that
+    post-norm Transformers need, and it matches ViT/MAE. Positions are added once to the input tokens
+    (ViT-style) rather than to q/k of every layer (DETR), which lets us use ``nn.TransformerEncoderLayer``
+    and its fused attention. No dropout (self-supervised pretraining, as MoCo). ``expand`` is
+    zero-initialised, so at initialisation the MPH is exactly the identity and the trunk starts as MoCo's.
+    """
+
+    def __init__(self, channels: int, width: int, layers: int, heads: int):
+        super().__init__()
+        if width % heads != 0 or width % 4 != 0:
+            raise ValueError(f"mph_width ({width}) must be divisible by mph_heads ({heads}) and by 4")
+        self.reduce = nn.Conv2d(channels, width, 1)
+        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
+        self.expand = nn.Conv2d(width, channels, 1)
+        nn.init.zeros_(self.expand.weight)
+        nn.init.zeros_(self.expand.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape  # x: [N, C, H, W]
+        t = self.reduce(x).flatten(2).transpose(1, 2)  # [N, H*W, D]; a free view when x is channels_last
+        t = t + sine_position_embedding(h, w, t.shape[-1], t.device, t.dtype)  # [N, H*W, D]
+        t = self.encoder(t)  # [N, H*W, D]
+        return x + self.expand(t.transpose(1, 2).reshape(n, -1, h, w))  # [N, C, H, W]
+
+
+def conv_mph(channels: int) -> nn.Sequential:
+    """Two torchvision Bottleneck blocks at C5 width; the last BN of each starts at gamma 0 (identity at init)."""
+    blocks = [Bottleneck(channels, channels // Bottleneck.expansion) for _ in range(2)]
+    for block in blocks:
+        nn.init.zeros_(block.bn3.weight)
+    return nn.Sequential(*blocks)
+
+
+class Encoder(nn.Module):
+    """ResNet trunk -> MPH -> RoI average pool -> projection head; one of the two MaskCo branches.
+
+    ``features(x)``: ``[N, 3, S, S]`` -> ``[N, C, S/stride, S/stride]`` (C5 after the MPH).
+    ``embed(features, boxes)``: boxes ``[N, L, 4]`` xyxy in view pixels -> ``[N, L, head_dim]`` unit vectors;
+    ``boxes=None`` global-average-pools instead (L = 1): the ``mocov2`` baseline on the same network.
+    ``dilated`` turns layer4's stride into dilation (stride 16); the weights keep torchvision's shapes.
+    ``roi_fused`` picks ``roi.roi_pool`` (separable matmul, DESIGN 4.5) over the torchvision reference.
+    """
+
+    def __init__(self, arch: str = "resnet50", dilated: bool = False, mph: str = "attn", mph_width: int = 512,
+                 mph_layers: int = 2, mph_heads: int = 8, head_hidden: int = 2048, head_dim: int = 128,
+                 roi_output_size: int = 7, roi_sampling_ratio: int = 2, roi_fused: bool = True):
+        super().__init__()
+        if arch not in ARCHS:
+            raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+        if mph not in MPH_KINDS:
+            raise ValueError(f"mph must be one of {MPH_KINDS}, got {mph!r}")
+        for name, value in (("mph_layers", mph_layers), ("mph_heads", mph_heads), ("head_hidden", head_hidden),
+                            ("head_dim", head_dim), ("roi_output_size", roi_output_size)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        try:
+            self.backbone = getattr(torchvision.models, arch)(
+                weights=None, replace_stride_with_dilation=[False, False, dilated])
+        except NotImplementedError as error:  # torchvision: "Dilation > 1 not supported in BasicBlock"
+            raise ValueError(f"dilated=True needs a Bottleneck arch (resnet50 and up), got arch={arch!r}") from error
+        self.channels = self.backbone.fc.in_features  # C5 width: 512 (resnet18/34), 2048 (resnet50)
+        self.backbone.fc = nn.Identity()  # keeps the state dict torchvision-shaped minus fc
+        self.stride = 16 if dilated else 32
+        if mph == "attn":
+            self.mph = AttentionMPH(self.channels, mph_width, mph_layers, mph_heads)
+        elif mph == "conv":
+            self.mph = conv_mph(self.channels)
+        else:
+            self.mph = nn.Identity()
+        self.head = nn.Sequential(nn.Linear(self.channels, head_hidden), nn.ReLU(inplace=True),
+                                  nn.Linear(head_hidden, head_dim))
+        self.roi_output_size = roi_output_size
+        self.roi_sampling_ratio = roi_sampling_ratio
+        self.roi_fused = roi_fused
+
+    def forward(self, x: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        return self.embed(self.features(x), boxes)  # [N, L, head_dim]
+
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """ResNet up to layer4: ``[N, 3, S, S]`` -> C5 ``[N, C, S/stride, S/stride]``."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"x must be [N, 3, H, W], got {tuple(x.shape)}")
+        b = self.backbone
+        x = b.maxpool(b.relu(b.bn1(b.conv1(x))))  # [N, 64, S/4, S/4]
+        return b.layer4(b.layer3(b.layer2(b.layer1(x))))  # [N, C, S/stride, S/stride]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Trunk then MPH: ``[N, 3, S, S]`` -> ``[N, C, S/stride, S/stride]``."""
+        return self.mph(self.trunk(x))
+
+    def embed(self, features: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, C, H, W]`` (+ boxes ``[N, L, 4]`` view pixels) -> ``[N, L, head_dim]`` L2-normalised, fp32."""
+        if boxes is None:
+            pooled = features.mean((2, 3))[:, None]  # [N, 1, C]
+        else:
+            pool = roi.roi_pool if self.roi_fused else roi.roi_pool_reference
+            # shapes are still checked; the value checks would read the boxes on the host (a sync per step)
+            pooled = pool(features, boxes, 1.0 / self.stride, self.roi_sampling_ratio, aligned=True,
+                          output_size=self.roi_output_size, validate_boxes=False)  # [N, L, C]
+        # normalise in fp32: the logits are fp32 (DESIGN 4.6) and bf16 unit vectors would cost ~3 digits
+        return F.normalize(self.head(pooled).float(), dim=-1)  # [N, L, head_dim]
+
+
+def build_key_encoder(encoder_q: nn.Module) -> nn.Module:
+    """The momentum copy: same weights, no gradients anywhere (keys are detached, DESIGN 4.4)."""
+    encoder_k = copy.deepcopy(_unwrap(encoder_q))
+    encoder_k.requires_grad_(False)
+    return encoder_k
+
+
+@torch.no_grad()
+def key_features(encoder_k: nn.Module, x_k: torch.Tensor, generator: torch.Generator | None,
+                 shuffle: bool = True) -> torch.Tensor:
+    """Key-branch feature map with shuffle-BN: ``[N, 3, S, S]`` -> ``[N, C, h, w]`` in the original order.
+
+    The map is un-shuffled before RoI pooling because the key boxes refer to this rank's original order.
+    With one process (or ``shuffle=False``, e.g. for SyncBN) this is plain ``encoder_k.features(x_k)``.
+    """
+    if not shuffle:
+        return encoder_k.features(x_k)
+    x_k, idx_unshuffle = dist.shuffle_batch(x_k, generator)  # [N, 3, S, S], other ranks' images
+    return dist.unshuffle_batch(encoder_k.features(x_k), idx_unshuffle)  # [N, C, h, w]
+
+
+class _EmaLists(NamedTuple):
+    params_k: list
+    params_q: list
+    buffers_k: list  # one list per dtype, so every foreach call takes its fast path
+    buffers_q: list
+    probes: list  # (dict, name, tensor): tells when .to()/.cuda() replaced the cached tensors
+
+
+_EMA_CACHE: "weakref.WeakKeyDictionary[nn.Module, _EmaLists]" = weakref.WeakKeyDictionary()
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
+    while isinstance(module, nn.parallel.DistributedDataParallel) or hasattr(module, "_orig_mod"):
+        module = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module._orig_mod
+    return module
+
+
+def _named(module: nn.Module, kind: str) -> list:
+    """``[(owner dict, name, tensor)]`` for every parameter or buffer, in ``named_*`` order."""
+    return [(m.__dict__["_" + kind], name, t) for m in module.modules()
+            for name, t in m.__dict__["_" + kind].items() if t is not None]
+
+
+def _ema_lists(encoder_k: nn.Module, encoder_q: nn.Module) -> _EmaLists:
+    cached = _EMA_CACHE.get(encoder_k)
+    if cached is not None and all(owner.get(name) is t for owner, name, t in cached.probes):
+        return cached
+    params_k, params_q = _named(encoder_k, "parameters"), _named(encoder_q, "parameters")
+    buffers_k, buffers_q = _named(encoder_k, "buffers"), _named(encoder_q, "buffers")
+    shapes = lambda entries: [(name, t.shape, t.dtype) for _, name, t in entries]  # noqa: E731
+    if shapes(params_k) != shapes(params_q) or shapes(buffers_k) != shapes(buffers_q):
+        raise ValueError("encoder_k and encoder_q must have the same parameters and buffers (use build_key_encoder)")
+    groups = {}
+    for (_, _, b_k), (_, _, b_q) in zip(buffers_k, buffers_q):
+        groups.setdefault(b_k.dtype, ([], []))[0].append(b_k)
+        groups[b_k.dtype][1].append(b_q)
+    probes = [entries[0] for entries in (params_k, params_q, buffers_k, buffers_q) if entries]
+    cached = _EmaLists([t for *_, t in params_k], [t for *_, t in params_q],
+                       [g[0] for g in groups.values()], [g[1] for g in groups.values()], probes)
+    _EMA_CACHE[encoder_k] = cached
+    return cached
+
+
+@torch.no_grad()
+def momentum_update(encoder_k: nn.Module, encoder_q: nn.Module, momentum: float) -> None:
+    """EMA ``p_k = m p_k + (1 - m) p_q`` for every parameter (trunk, MPH, head) in one fused foreach call.
+
+    Buffers (BN running statistics) are copied from the query encoder instead of averaged: the key encoder
+    always runs in train mode (batch statistics, shuffle-BN), so its running stats are only ever read if
+    someone evaluates or exports ``encoder_k``, and then the query's statistics (measured on unmasked and
+    masked views with the live weights) are the coherent choice; averaging ``num_batches_tracked`` would
+    make no sense. The tensor lists are cached per key encoder (a weak reference) and rebuilt only when
+    ``.to()`` / ``.cuda()`` replaced the tensors, so a step costs two or three foreach launches.
+    ``encoder_q`` may be DDP- or ``torch.compile``-wrapped.
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    lists = _ema_lists(_unwrap(encoder_k), _unwrap(encoder_q))
+    torch._foreach_lerp_(lists.params_k, lists.params_q, 1.0 - momentum)
+    for buffers_k, buffers_q in zip(lists.buffers_k, lists.buffers_q):
+        torch._foreach_copy_(buffers_k, buffers_q)
+
+
+def backbone_state_dict(encoder: nn.Module | Mapping) -> dict:
+    """The plain torchvision ResNet state dict (no ``backbone.`` prefix, no fc, no MPH, no head).
+
+    Takes an ``Encoder`` (wrapped or not) or an Encoder state dict such as ``checkpoint["encoder_q"]``.
+    Loads with ``strict=True`` into ``torchvision.models.<arch>()`` whose ``fc`` is ``nn.Identity()``.
+    """
+    state = encoder if isinstance(encoder, Mapping) else _unwrap(encoder).state_dict()
+    prefix = "backbone."
+    backbone = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+    if not backbone:
+        raise ValueError(f"encoder has no '{prefix}*' entries; expected a maskco Encoder or its state dict")
+    return backbone
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+    """Two optimizer groups: ``weight_decay`` on >= 2-D weights (conv, linear, attention), none on 1-D
+    parameters (BN and LayerNorm affine, biases), the usual practice (DESIGN 4.7). Frozen params are skipped."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]

@@ -1,0 +1,84 @@
+"""``python -m maskco.show [preset ...] [--key=value ...] [--out=views.png] [--images=8]``
+
+Writes a PNG grid, one row per image: the query view with the masked box (yellow), the query view as
+the model sees it (augmented, masked), and the key view with the positive box (green) and the
+negative boxes (red). This is how a user checks the augmentation and the box pairing of a backend.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+from PIL import Image, ImageDraw
+
+import pipelines
+from maskco import augment
+from maskco.config import ConfigError, build_config
+from maskco.method import MethodSpec, ready_inputs
+from maskco.train import resolve_data
+
+POSITIVE, NEGATIVE, MASKED = (40, 220, 40), (230, 40, 40), (250, 220, 0)
+
+
+def _image(chw_uint8: torch.Tensor) -> Image.Image:
+    return Image.fromarray(chw_uint8.permute(1, 2, 0).cpu().numpy())
+
+
+def _draw(image: Image.Image, box, color, width=2) -> None:
+    ImageDraw.Draw(image).rectangle([float(v) for v in box], outline=color, width=width)
+
+
+def _denormalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(augment.IMAGENET_MEAN, device=x.device)[:, None, None]
+    std = torch.tensor(augment.IMAGENET_STD, device=x.device)[:, None, None]
+    return ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def render(batch, inputs, images: int) -> Image.Image:
+    """One row per image: raw query view + masked box, model input, key view + key boxes."""
+    size = batch.view_q.shape[-1]
+    rows = min(images, batch.view_q.shape[0])
+    grid = Image.new("RGB", (3 * size + 8, rows * (size + 4)), (255, 255, 255))
+    for i in range(rows):
+        query, seen, key = _image(batch.view_q[i]), _image(_denormalise(inputs.x_q[i])), _image(batch.view_k[i])
+        if inputs.boxes_q is not None:
+            _draw(query, inputs.boxes_q[i, 0], MASKED)
+            for box in inputs.boxes_k[i, 1:]:
+                _draw(key, box, NEGATIVE, 1)
+            _draw(key, inputs.boxes_k[i, 0], POSITIVE)
+            if not bool(inputs.valid[i]):
+                ImageDraw.Draw(query).text((4, 4), "invalid", fill=(255, 0, 0))
+        for column, picture in enumerate((query, seen, key)):
+            grid.paste(picture, (column * (size + 4), i * (size + 4)))
+    return grid
+
+
+def main(argv=None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), "runs/show.png")
+    images = int(next((a.split("=", 1)[1] for a in args if a.startswith("--images=")), 8))
+    try:
+        cfg = build_config([a for a in args if not a.startswith(("--out=", "--images="))])
+    except ConfigError as error:
+        print(f"maskco.show: {error}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    loader = pipelines.build_loader(
+        cfg.backend, resolve_data(cfg, 0), batch_size=max(images, 2), image_size=cfg.image_size, device=device,
+        seed=cfg.seed, workers=0 if cfg.backend == "torch" else None, crop_scale=cfg.crop_scale,
+        crop_ratio=cfg.crop_ratio, flip_prob=cfg.flip_prob,
+    )
+    loader.set_epoch(0)
+    batch = next(iter(loader))
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    inputs = ready_inputs(batch, MethodSpec.from_config(cfg, shuffle_bn=False), generator)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    render(batch, inputs, images).save(out)
+    print(f"wrote {out}: {min(images, len(batch))} rows (query view + masked box | model input | "
+          f"key view + positive (green) and negatives (red))")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
