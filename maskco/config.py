@@ -83,7 +83,7 @@ class Config:
     # ---- optimisation (DESIGN 4.7)
     batch_size: int = 32  # images per GPU (per process) [paper]
     epochs: int = 200
-    max_steps: int = 0  # stop after this many steps in total (0: run all epochs); for smoke runs
+    max_steps: int = 0  # stop after this many steps in total (0: all epochs); schedules still span all epochs
     base_lr: float = 0.03  # lr per 256 images; peak lr = base_lr * global batch / 256
     min_lr: float = 0.0  # cosine end value
     warmup_epochs: float = 10.0  # linear warm-up from 0

@@ -63,7 +63,7 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) -> LoopState:
-    """Run from ``state`` to the end of training (or ``run.max_steps``, or a stop signal).
+    """Run from ``state`` to ``run.stop_step`` (the end of training, or max_steps) or a stop signal.
 
     run: the assembled pieces (see train.Run): encoder_q (maybe DDP), encoder_k, optimizer, scaler,
     spec, queue, device, amp dtype, schedule numbers. Callbacks: on_log(record), on_checkpoint(state),
@@ -77,7 +77,7 @@ def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) ->
     window_stats: dict = {}
     window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
     with StopRequest() as stop:
-        while state.epoch < run.epochs and state.step < run.total_steps:
+        while state.epoch < run.epochs and state.step < run.stop_step:
             loader.set_epoch(state.epoch, skip_batches=state.step - state.epoch * steps_per_epoch)
             tick = time.perf_counter()
             for batch in loader:
@@ -105,7 +105,7 @@ def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) ->
                 for name, tensor in stats.items():
                     window_stats[name] = window_stats.get(name, 0) + tensor.detach()
                 last_of_epoch = state.step % steps_per_epoch == 0
-                if state.step % run.log_every == 0 or last_of_epoch or state.step >= run.total_steps:
+                if state.step % run.log_every == 0 or last_of_epoch or state.step >= run.stop_step:
                     # note: the only host sync of the loop
                     elapsed = time.perf_counter() - window_start
                     record = {
@@ -131,12 +131,12 @@ def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) ->
                     on_checkpoint(state)
                 if stop.signal and not dist.is_distributed():  # one process: no need to agree on the step
                     state.stop_signal = stop.signal
-                if state.stop_signal or state.step >= run.total_steps:
+                if state.stop_signal or state.step >= run.stop_step:
                     break
                 tick = time.perf_counter()
             if state.stop_signal:
                 on_checkpoint(state)
                 break
-            if state.step >= run.total_steps and state.step % steps_per_epoch:
+            if state.step >= run.stop_step and state.step % steps_per_epoch:
                 on_checkpoint(state)  # max_steps ended mid-epoch
     return state

@@ -38,7 +38,8 @@ class Run:
     rank: int
     seed: int
     epochs: int
-    total_steps: int
+    total_steps: int  # the schedule's length: all epochs
+    stop_step: int  # where this invocation stops: total_steps, or max_steps if smaller
     warmup_steps: int
     peak_lr: float
     min_lr: float
@@ -157,9 +158,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         flip_prob=cfg.flip_prob, strict_data=cfg.strict_data,
     )
     steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps:
-        total_steps = min(total_steps, cfg.max_steps)
+    total_steps = cfg.epochs * steps_per_epoch  # the LR / momentum schedules always span all epochs
+    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
     # ---- model, optimiser
     encoder_q, encoder_k = build_encoders(cfg, device, dist.is_distributed())
@@ -176,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         spec=MethodSpec.from_config(cfg, shuffle_bn=cfg.key_bn == "shuffle"),
         queue=KeyQueue(cfg.queue_size, cfg.head_dim, device=device) if cfg.queue_size else None,
         device=device, amp_dtype=precision_dtype, rank=info.rank, seed=cfg.seed, epochs=cfg.epochs,
-        total_steps=total_steps, warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
+        total_steps=total_steps, stop_step=stop_step, warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
         peak_lr=peak_lr(cfg, world_size), min_lr=cfg.min_lr, momentum=cfg.momentum,
         momentum_schedule=cfg.momentum_schedule, global_batch=global_batch(cfg, world_size),
         log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
@@ -187,7 +187,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     resume = checkpoint.latest(cfg.out_dir) if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
     if resume:
         state = restore(cfg, run, resume, steps_per_epoch, log)
-    log.write({"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "start_step": state.step})
+    log.write({"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "stop_step": stop_step,
+               "start_step": state.step})
     last = os.path.join(cfg.out_dir, checkpoint.LAST)
 
     def save(loop_state: LoopState) -> None:
@@ -199,9 +200,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         if cfg.knn_every and loop_state.epoch % cfg.knn_every == 0:
             log.write({"epoch": loop_state.epoch, "step": loop_state.step, **knn(cfg, run, info)})
 
-    log.start_progress(total_steps, state.step)
+    log.start_progress(stop_step, state.step)
     state = train(run, loader, state, log.write, save, epoch_end)
-    done = state.step >= total_steps
+    done = state.step >= stop_step and not state.stop_signal
     if done and cfg.export and info.rank == 0:
         path = os.path.join(cfg.out_dir, "backbone_torchvision.pth")
         checkpoint.save_atomic(backbone_state_dict(unwrap(run.encoder_q)), path)
