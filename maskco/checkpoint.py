@@ -71,8 +71,10 @@ def latest(out_dir: str) -> str | None:
 
 
 def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "numpy": numpy.random.get_state(legacy=False),
-             "python": random.getstate()}
+    name, keys, pos, has_gauss, cached = numpy.random.get_state()  # plain types only: weights_only loads
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype("int64")), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -80,7 +82,9 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    numpy.random.set_state(state["numpy"])
+    saved = state["numpy"]
+    numpy.random.set_state((saved["name"], saved["keys"].numpy().astype("uint32"), saved["pos"],
+                            saved["has_gauss"], saved["cached"]))
     random.setstate(_as_tuple(state["python"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])

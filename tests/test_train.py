@@ -1,0 +1,179 @@
+"""The trainer end to end on CPU: config, resume, DDP, checkpoints, export, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from maskco import checkpoint
+from maskco.config import ConfigError, build_config, load_preset, valid_keys
+from maskco.train import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--arch=resnet18", "--image_size=64", "--batch_size=4", "--box_min_size=8", "--mph_width=64",
+        "--mph_heads=2", "--head_hidden=128", "--head_dim=32", "--num_negatives=4", "--epochs=2",
+        "--warmup_epochs=0.5", "--workers=0", "--log_every=1", "--export=true"]
+
+
+def records(out_dir: str) -> list[dict]:
+    with open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def losses(out_dir: str) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in records(out_dir) if "loss" in r}
+
+
+def run(tmp_path, name: str, data: str, *extra: str) -> str:
+    out_dir = str(tmp_path / name)
+    assert main([*TINY, f"--data={data}", f"--out_dir={out_dir}", *extra]) == 0
+    return out_dir
+
+
+# ---- config
+@pytest.mark.parametrize("preset", ["cpu_demo", "r50_imagenet_200ep", "coco_800ep", "cc_80ep"])
+def test_presets_load(preset):
+    cfg = build_config([preset])
+    assert cfg.arch.startswith("resnet") and cfg.epochs >= 1
+
+
+def test_overrides_are_typed_and_later_wins():
+    cfg = build_config(["cpu_demo", "--epochs=7", "--box_area=[0.1, 0.2]", "--roi_fused=false", "--epochs=9"])
+    assert (cfg.epochs, cfg.box_area, cfg.roi_fused) == (9, (0.1, 0.2), False)
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError, match="did you mean epochs") as error:
+        build_config(["--epoch=3"])
+    assert all(key in str(error.value) for key in valid_keys())
+
+
+def test_bad_values_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="batch_size"):
+        build_config(["--batch_size=many"])
+    with pytest.raises(ConfigError, match="mph"):
+        build_config(["--mph=lstm"])
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("arch: resnet18\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=f"learning_rate.*{preset}"):
+        load_preset(str(preset))
+
+
+def test_main_reports_config_errors_without_traceback(capsys):
+    assert main(["--no_such_key=1"]) == 2
+    assert "unknown config key 'no_such_key'" in capsys.readouterr().err
+
+
+# ---- training, resume, export
+def test_resume_continues_the_same_loss_curve(tmp_path, sample_root):
+    straight = losses(run(tmp_path, "straight", sample_root, "--max_steps=5"))
+    # an interruption after 3 steps (mid-epoch: 24 images / 4 = 6 steps per epoch), then a resume
+    interrupted = run(tmp_path, "interrupted", sample_root, "--max_steps=3")
+    assert os.path.exists(os.path.join(interrupted, checkpoint.LAST))
+    run(tmp_path, "interrupted", sample_root, "--max_steps=5")
+    resumed = losses(interrupted)
+    assert sorted(straight) == [1, 2, 3, 4, 5]
+    assert sorted(resumed) == [1, 2, 3, 4, 5]
+    for step in straight:
+        assert resumed[step] == pytest.approx(straight[step], rel=1e-5, abs=1e-6), step
+
+
+def test_run_writes_log_checkpoint_and_exported_backbone(tmp_path, sample_root):
+    out_dir = run(tmp_path, "run", sample_root, "--max_steps=2")
+    log = records(out_dir)
+    assert "config" in log[0] and "git" in log[0]  # the resolved config and revision come first
+    state = checkpoint.load(os.path.join(out_dir, checkpoint.LAST))
+    assert state["step"] == 2 and state["config"]["arch"] == "resnet18"
+    model = torchvision.models.resnet18()
+    model.fc = torch.nn.Identity()
+    exported = torch.load(os.path.join(out_dir, "backbone_torchvision.pth"), weights_only=True)
+    model.load_state_dict(exported, strict=True)
+    # the export is the query backbone of the checkpoint
+    prefix = "backbone."
+    for key, value in state["encoder_q"].items():
+        if key.startswith(prefix):
+            assert torch.equal(exported[key[len(prefix):]], value)
+
+
+def test_mocov2_baseline_trains(tmp_path, sample_root):
+    out_dir = run(tmp_path, "mocov2", sample_root, "--max_steps=2", "--method=mocov2", "--mph=none")
+    assert all(torch.isfinite(torch.tensor(v)) for v in losses(out_dir).values())
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path, sample_root, capsys):
+    out_dir = run(tmp_path, "arch", sample_root, "--max_steps=1")
+    with pytest.raises(checkpoint.CheckpointError, match="arch: checkpoint 'resnet18' vs run 'resnet34'"):
+        main([*TINY, f"--data={sample_root}", f"--out_dir={out_dir}", "--arch=resnet34", "--max_steps=2"])
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path):
+    path = tmp_path / "checkpoint_last.pt"
+    checkpoint.save_atomic({"format": checkpoint.FORMAT, "weights": torch.ones(1000)}, str(path))
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+        checkpoint.load(str(path))
+    with pytest.raises(checkpoint.CheckpointError, match="does not exist"):
+        checkpoint.load(str(tmp_path / "missing.pt"))
+
+
+def test_failed_save_leaves_the_old_checkpoint(tmp_path):
+    path = str(tmp_path / "checkpoint_last.pt")
+    checkpoint.save_atomic({"format": checkpoint.FORMAT, "step": 1}, path)
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        checkpoint.save_atomic({"format": checkpoint.FORMAT, "step": 2, "bad": Unpicklable()}, path)
+    assert checkpoint.load(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint_last.pt"]  # no temporary file left behind
+
+
+def test_missing_data_path_is_a_clear_error(tmp_path):
+    from pipelines import DataError
+
+    with pytest.raises(DataError, match="does not exist"):
+        main([*TINY, f"--data={tmp_path / 'nowhere'}", f"--out_dir={tmp_path / 'out'}"])
+
+
+# ---- processes: SIGTERM, DDP
+def _train_command(data: str, out_dir: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "maskco.train", *TINY, f"--data={data}", f"--out_dir={out_dir}", *extra]
+
+
+def test_sigterm_writes_a_checkpoint_and_the_rerun_finishes(tmp_path, sample_root):
+    out_dir = str(tmp_path / "term")
+    process = subprocess.Popen(_train_command(sample_root, out_dir, "--epochs=20"), cwd=ROOT,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in process.stdout:  # wait for the first step, then ask it to stop
+        if '"loss"' in line:
+            process.send_signal(signal.SIGTERM)
+            break
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 128 + signal.SIGTERM, output
+    state = checkpoint.load(os.path.join(out_dir, checkpoint.LAST))
+    assert state["step"] >= 1
+    assert any("interrupted" in r for r in records(out_dir))
+    assert main([*TINY, f"--data={sample_root}", f"--out_dir={out_dir}", "--epochs=20",
+                 f"--max_steps={state['step'] + 1}"]) == 0
+    assert max(losses(out_dir)) == state["step"] + 1
+
+
+def test_two_process_gloo_ddp_run(tmp_path, sample_root):
+    out_dir = str(tmp_path / "ddp")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "maskco.train", *TINY, f"--data={sample_root}", f"--out_dir={out_dir}", "--max_steps=3"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "terminate called" not in result.stderr
+    log = records(out_dir)
+    assert log[0]["world_size"] == 2 and log[0]["global_batch"] == 8
+    assert sorted(losses(out_dir)) == [1, 2, 3]
+    assert checkpoint.load(os.path.join(out_dir, checkpoint.LAST))["world_size"] == 2
