@@ -1,0 +1,157 @@
+"""Contrastive (InfoNCE) loss of MaskCo (DESIGN.md 4.6), with its negatives picked by index.
+
+Paper symbols: for query q_i (the masked box of image i, query view) the positive is k_i+ (the same
+box in the key view, ``k[i, 0]``); the negatives are the M negative key boxes of every *other* image
+in the batch, (N - 1) * M of them; MaskCo(+in) also uses image i's own M negatives. Options: the
+other images' positives ``k[j, 0]`` (with M = 0 this is MoCo v2 with in-batch negatives) and a
+MoCo-style queue of past keys. logits = [q.k+ | q.negatives] / t, positive at index 0, cross-entropy.
+
+All N * N * (1 + M) dot products come from one matmul; each query's row is then gathered with a
+cached index, so the hot path has no Python loop over samples and no host sync.
+"""
+import functools
+
+import torch
+import torch.nn.functional
+
+
+@functools.lru_cache(maxsize=64)
+def _logit_index(n, m, intra, other_positives, device):
+    """int64 [n, 1 + K]: for query i, the columns of the [n, n * (1 + m)] all-pairs logits it uses,
+    its positive first. Key (j, b) (image j, box b; box 0 = positive) is column j * (1 + m) + b."""
+    image = torch.arange(n)
+    other = image[:, None, None] != image[None, :, None]  # [n, n, 1]: key image differs from query's
+    is_negative_box = torch.arange(1 + m)[None, None, :] >= 1  # [1, 1, 1 + m]
+    use = other & is_negative_box  # [n, n, 1 + m]
+    if intra:
+        use = use | (~other & is_negative_box)
+    if other_positives:
+        use = use | (other & ~is_negative_box)
+    columns = torch.arange(n * (1 + m)).expand(n, -1)  # [n, n * (1 + m)]
+    negatives = columns[use.reshape(n, -1)].reshape(n, -1)  # [n, K]: every row keeps the same count
+    positives = image[:, None] * (1 + m)  # [n, 1]
+    return torch.cat([positives, negatives], dim=1).to(device)  # [n, 1 + K]
+
+
+def negative_index(n, m, intra=False, other_positives=False, device="cpu"):
+    """int64 ``[N, K]``: for each query, the columns of ``q @ k.reshape(N * (1 + M), C).T`` that are
+    its in-batch negatives (order: by image, then box). Cached per arguments."""
+    return _logit_index(n, m, bool(intra), bool(other_positives), torch.device(device))[:, 1:]
+
+
+def _check(q, k, valid, temperature, extra_negatives):
+    if q.dim() != 2:
+        raise ValueError(f"q must be [N, C], got {tuple(q.shape)}")
+    if k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[1] or k.shape[1] < 1:
+        raise ValueError(f"k must be [N, 1 + M, C] matching q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if valid is not None and (valid.dtype != torch.bool or valid.shape != q.shape[:1]):
+        raise ValueError(f"valid must be a bool [N] tensor, got {valid.dtype} {tuple(valid.shape)}")
+    if not temperature > 0:  # also rejects NaN
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if extra_negatives is not None and (extra_negatives.dim() != 2 or extra_negatives.shape[1] != q.shape[1]):
+        raise ValueError(f"extra_negatives must be [K, C] with C = {q.shape[1]}, got {tuple(extra_negatives.shape)}")
+
+
+def contrastive_logits(q, k, valid, temperature, intra=False, other_positives=False, extra_negatives=None):
+    """fp32 ``[N, 1 + K]`` logits, the positive in column 0.
+
+    q ``[N, C]``, k ``[N, 1 + M, C]`` (both L2-normalised; ``k[:, 0]`` the positive), valid ``[N]``
+    bool or None, extra_negatives ``[Q, C]`` (a queue) appended to every row. K = (N - 1) * M, + M if
+    ``intra``, + N - 1 if ``other_positives``, + Q. Rows of queries with ``valid`` False use a zero query,
+    so whatever those queries hold (even NaN) reaches neither the logits of others nor any gradient.
+    Runs in fp32 with autocast off: logits / t with t = 0.2 need more than bf16's 8 bits.
+    """
+    _check(q, k, valid, temperature, extra_negatives)
+    n, groups, c = k.shape
+    index = _logit_index(n, groups - 1, bool(intra), bool(other_positives), q.device)  # [N, 1 + K]
+    if index.shape[1] == 1 and (extra_negatives is None or extra_negatives.shape[0] == 0):
+        raise ValueError(f"k gives a query no negatives (N={n}, M={groups - 1}, intra={intra}, "
+                         f"other_positives={other_positives}) and extra_negatives is empty or None")
+    with torch.autocast(q.device.type, enabled=False):
+        q32 = q.float()  # [N, C]
+        if valid is not None:
+            q32 = torch.where(valid[:, None], q32, 0.0)  # [N, C]
+        every = q32 @ k.float().reshape(n * groups, c).T  # [N, N * (1 + M)]: one matmul for all pairs
+        logits = every.gather(1, index)  # [N, 1 + K]
+        if extra_negatives is not None:
+            queued = q32 @ extra_negatives.detach().float().T  # [N, Q]
+            logits = torch.cat([logits, queued], dim=1)  # [N, 1 + K]
+        return logits / temperature  # [N, 1 + K]
+
+
+def info_nce(logits, valid):
+    """Mean cross-entropy of the positive (column 0) over the valid rows of ``logits [N, 1 + K]``.
+
+    No valid row gives a zero that still has a graph (backward works, gradients are zero), with no
+    host sync to find out.
+    """
+    target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # [N]
+    per_query = torch.nn.functional.cross_entropy(logits.float(), target, reduction="none")  # [N]
+    per_query = torch.where(valid, per_query, 0.0)  # [N]
+    return per_query.sum() / valid.sum().clamp_min(1)
+
+
+def positive_accuracy(logits, valid):
+    """Fraction of valid rows whose largest logit is the positive (column 0); 0-dim tensor, no sync."""
+    hit = (logits.argmax(dim=1) == 0) & valid  # [N]
+    return hit.sum() / valid.sum().clamp_min(1)
+
+
+def contrastive_loss(q, k, valid, temperature, intra=False, other_positives=False, extra_negatives=None):
+    """Scalar InfoNCE loss of MaskCo: ``info_nce(contrastive_logits(...), valid)``.
+
+    q ``[N, C]``, k ``[N, 1 + M, C]``, valid ``[N]`` bool. An invalid sample's query is left out of
+    the mean; its keys stay negatives for the others (they are real regions of a real image).
+    To also log accuracy, call ``contrastive_logits`` / ``info_nce`` / ``positive_accuracy`` instead.
+    """
+    logits = contrastive_logits(q, k, valid, temperature, intra, other_positives, extra_negatives)  # [N, 1 + K]
+    return info_nce(logits, valid)
+
+
+class KeyQueue:
+    """A MoCo-style ring buffer of past keys, used as extra negatives (off by default).
+
+    Unlike MoCo's ``moco/builder.py`` it is not a module buffer: it lives outside DDP (never
+    re-broadcast from rank 0), and its write pointer is a Python int (MoCo's ``int(queue_ptr)`` is a
+    host sync every step). Under DDP every rank must enqueue the same all-gathered keys.
+    """
+
+    def __init__(self, size, dim, device="cpu", generator=None):
+        if size <= 0 or dim <= 0:
+            raise ValueError(f"size and dim must be > 0, got size={size}, dim={dim}")
+        start = torch.randn(size, dim, generator=generator).to(device)  # [size, dim]
+        self.buffer = torch.nn.functional.normalize(start, dim=1)  # [size, dim], as MoCo initialises it
+        self.ptr = 0
+
+    def negatives(self):
+        """``[size, dim]``; never written in place later (``enqueue`` replaces it), so it is safe to
+        use in a graph whose backward runs after the next ``enqueue``."""
+        return self.buffer
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        """Write ``keys [B, dim]`` at the pointer, wrapping around; B need not divide size."""
+        size, dim = self.buffer.shape
+        if keys.dim() != 2 or keys.shape[1] != dim:
+            raise ValueError(f"keys must be [B, {dim}], got {tuple(keys.shape)}")
+        if keys.shape[0] > size:  # as if written one by one: the oldest are overwritten at once
+            self.ptr = (self.ptr + keys.shape[0] - size) % size
+            keys = keys[-size:]  # [size, dim]
+        keys = keys.detach().to(self.buffer)  # [B, dim]
+        count = keys.shape[0]
+        end = self.ptr + count
+        if end <= size:
+            parts = [self.buffer[: self.ptr], keys, self.buffer[end:]]
+        else:  # wraps: the tail of keys goes to the front
+            parts = [keys[size - self.ptr:], self.buffer[end - size: self.ptr], keys[: size - self.ptr]]
+        self.buffer = torch.cat(parts)  # [size, dim], a new tensor, see negatives()
+        self.ptr = end % size
+
+    def state_dict(self):
+        return {"buffer": self.buffer, "ptr": self.ptr}
+
+    def load_state_dict(self, state):
+        if tuple(state["buffer"].shape) != tuple(self.buffer.shape):
+            raise ValueError(f"state buffer is {tuple(state['buffer'].shape)}, queue is {tuple(self.buffer.shape)}")
+        self.buffer = state["buffer"].detach().to(self.buffer).clone()
+        self.ptr = int(state["ptr"]) % self.buffer.shape[0]
