@@ -227,7 +227,7 @@ def knn(cfg: Config, run: Run, info) -> dict:
     if not (cfg.knn_train and cfg.knn_val):
         raise ConfigError("knn_every needs knn_train and knn_val (labelled splits)")
     result = knn_monitor(unwrap(run.encoder_q).backbone, cfg.knn_train, cfg.knn_val, image_size=cfg.image_size, device=run.device,
-                         batch_size=cfg.batch_size, workers=max(cfg.workers, 0), rank=info.rank,
+                         batch_size=cfg.batch_size, workers=None if cfg.workers < 0 else cfg.workers, rank=info.rank,
                          world_size=info.world_size)
     return {f"knn_{k}": v for k, v in result.items()}
 

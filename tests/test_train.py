@@ -177,3 +177,31 @@ def test_two_process_gloo_ddp_run(tmp_path, sample_root):
     assert log[0]["world_size"] == 2 and log[0]["global_batch"] == 8
     assert sorted(losses(out_dir)) == [1, 2, 3]
     assert checkpoint.load(os.path.join(out_dir, checkpoint.LAST))["world_size"] == 2
+
+
+def _gather_indices(rank: int, world_size: int, init_file: str, data: str, out: str) -> None:
+    import datetime
+
+    import pipelines
+    from maskco import dist
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world_size, timeout=datetime.timedelta(seconds=120))
+    loader = pipelines.build_loader("torch", data, batch_size=4, image_size=32, device="cpu", rank=rank,
+                                    world_size=world_size, seed=3, workers=0)
+    loader.set_epoch(1)
+    mine = torch.cat([batch.index for batch in loader])  # [steps * 4]
+    everyone = dist.concat_all_gather(mine)  # [world_size * steps * 4], rank order
+    if rank == 0:
+        torch.save({"all": everyone, "steps": len(loader)}, out)
+    dist.shutdown()
+
+
+def test_ddp_ranks_see_disjoint_data(tmp_path, sample_root):
+    out = str(tmp_path / "indices.pt")
+    torch.multiprocessing.spawn(_gather_indices, args=(2, str(tmp_path / "init"), sample_root, out), nprocs=2)
+    result = torch.load(out, weights_only=True)
+    per_rank = result["all"].view(2, -1)
+    assert set(per_rank[0].tolist()).isdisjoint(per_rank[1].tolist())
+    assert result["steps"] == 24 // (2 * 4)
+    assert sorted(result["all"].tolist()) == list(range(24))  # 24 images, 2 ranks x 3 steps x 4: all covered

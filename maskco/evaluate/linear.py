@@ -1,0 +1,313 @@
+"""``python -m maskco.evaluate.linear``: linear classification on a frozen backbone (DESIGN 4.8).
+
+Two protocols:
+
+- ``multilayer`` [paper; Goyal et al.'s benchmark]: conv1 and res2..res5 features, each average-pooled
+  to about 9k values (``maskco.evaluate.features``), one ``BatchNorm1d(affine=False)`` + ``Linear`` per
+  stage, all trained together (the loss is the sum of the five cross-entropies, so each head gets its
+  own gradient). SGD lr 0.1, momentum 0.9, weight decay 1e-4, 90 epochs, lr / 10 at epochs 30 and 60.
+- ``lastlayer`` (MoCo's ``main_lincls.py``): res5 global-average-pooled (2048-d), one ``Linear`` without
+  BatchNorm. Its defaults are MoCo's: lr 30, weight decay 0, 100 epochs, lr / 10 at 60 and 80.
+
+Every value is a flag; the resolved settings are the first log line. ``--batch-size`` is the *global*
+batch (256, as in both papers), split evenly over the ranks, so results do not depend on the GPU count;
+the learning rate is not rescaled. Training views: random-resized crop (scale 0.08-1) + flip; validation:
+resize to S/0.875 and centre-crop S (the torch backend's ``eval_mode``). The backbone runs in eval mode
+under ``no_grad``: only the heads train. Under torchrun the heads are DDP-wrapped, their BatchNorm is
+synchronised on GPUs (so per-GPU batches of 32 do not make the statistics noisier than the protocol's
+256), and the validation counts are summed over ranks. The heads checkpoint to ``out_dir/linear_last.pt`` after
+every epoch and a rerun resumes from it (``--resume none`` starts over); logs are JSON lines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+import pipelines
+from maskco import checkpoint, dist
+from maskco.evaluate.features import (POOLINGS, PROTOCOLS, MultiLayerFeatures, check_labels, images_and_labels,
+                                      source_classes)
+from maskco.export import ARCHS, load_backbone
+from maskco.runlog import RunLog, git_revision
+
+FORMAT = "maskco-linear-v1"
+LAST = "linear_last.pt"
+PROTOCOL_DEFAULTS = {
+    "multilayer": {"epochs": 90, "lr": 0.1, "weight_decay": 1e-4, "milestones": [30, 60]},  # [paper]
+    "lastlayer": {"epochs": 100, "lr": 30.0, "weight_decay": 0.0, "milestones": [60, 80]},  # MoCo
+}
+
+
+class LinearHeads(nn.Module):
+    """One classifier per stage: ``{stage: [N, D_stage]}`` -> ``{stage: [N, num_classes]}`` logits.
+
+    batchnorm: put ``BatchNorm1d(affine=False)`` before each Linear (the multi-layer protocol), which
+    makes one learning rate fit features of very different scales. Weights start at N(0, 0.01), biases
+    at 0, as in MoCo's linear classifier.
+    """
+
+    def __init__(self, dims: dict[str, int], num_classes: int, batchnorm: bool = True):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.heads = nn.ModuleDict()
+        for stage, dim in dims.items():
+            linear = nn.Linear(dim, num_classes)
+            nn.init.normal_(linear.weight, std=0.01)
+            nn.init.zeros_(linear.bias)
+            self.heads[stage] = nn.Sequential(nn.BatchNorm1d(dim, affine=False), linear) if batchnorm else linear
+
+    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {stage: head(features[stage]) for stage, head in self.heads.items()}
+
+
+def step_lr(epoch: int, lr: float, milestones) -> float:
+    """Learning rate of ``epoch`` (0-based): ``lr`` divided by 10 at each milestone reached."""
+    return lr * 0.1 ** sum(epoch >= milestone for milestone in milestones)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
+    """How many rows have their label among the top-k logits, for each k: float [len(ks)]."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # [N, kmax]
+    hit = top == labels[:, None]  # [N, kmax]
+    return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks]).float()
+
+
+def train_epoch(features: MultiLayerFeatures, heads: nn.Module, loader, optimizer: torch.optim.Optimizer,
+                device: torch.device, num_classes: int | None = None, log_every: int = 0,
+                on_log=None) -> dict[str, float]:
+    """One pass over ``loader``; returns the mean loss per stage (over steps and ranks). Only ``heads`` train.
+
+    Every ``log_every`` steps (0: never) ``on_log({"step", "img_per_s", "loss_<stage>"...})`` is called;
+    only those steps read the losses back from the device.
+    """
+    features.train()  # the heads' BatchNorm trains; features.train() keeps the backbone in eval mode
+    heads.train()
+    stages = list(_unwrap(heads).heads)
+    totals, steps, images_seen, began = None, 0, 0, time.time()
+    for step, (images, labels) in enumerate(images_and_labels(loader, "train")):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if step == 0:
+            check_labels(labels, num_classes, "train")
+        logits = heads(features(images))  # {stage: [N, num_classes]}
+        losses = torch.stack([F.cross_entropy(value, labels) for value in logits.values()])  # [stages]
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        optimizer.step()
+        totals = losses.detach() if totals is None else totals + losses.detach()
+        steps, images_seen = steps + 1, images_seen + images.shape[0]
+        if on_log is not None and log_every and steps % log_every == 0:
+            # note: .tolist() is a CPU-GPU sync point, on log steps only
+            record = {f"loss_{stage}": value for stage, value in zip(stages, losses.tolist())}
+            on_log({"step": steps, "img_per_s": round(images_seen / (time.time() - began), 1), **record})
+    if totals is None:
+        raise ValueError("the train loader yielded no batches (fewer images than one batch?)")
+    mean = dist.all_reduce_mean(totals / steps)  # [stages], averaged over ranks
+    return {stage: value for stage, value in zip(stages, mean.tolist())}
+
+
+@torch.no_grad()
+def evaluate(features: MultiLayerFeatures, heads: nn.Module, loader, device: torch.device,
+             num_classes: int | None = None) -> dict:
+    """Top-1 / top-5 accuracy (%) per stage over ``loader`` (summed over ranks): ``{stage: {top1, top5}}``."""
+    features.eval()
+    heads.eval()
+    stages = list(_unwrap(heads).heads)
+    correct = torch.zeros(len(stages), 2, device=device)  # [stages, (top1, top5)]
+    seen = torch.zeros((), device=device)
+    for step, (images, labels) in enumerate(images_and_labels(loader, "validation")):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        if step == 0:
+            check_labels(labels, num_classes, "validation")
+        logits = heads(features(images))
+        correct += torch.stack([topk_correct(logits[stage], labels) for stage in stages])
+        seen += labels.shape[0]
+    if dist.is_distributed():  # every rank saw its own shard
+        torch.distributed.all_reduce(correct)
+        torch.distributed.all_reduce(seen)
+    total = max(int(seen), 1)
+    result = {stage: {"top1": 100 * c[0].item() / total, "top5": 100 * c[1].item() / total}
+              for stage, c in zip(stages, correct)}
+    result["images"] = int(seen)
+    return result
+
+
+def flat_accuracies(result: dict) -> dict:
+    """``{stage: {top1, top5}, images}`` -> ``{stage_top1, stage_top5, val_images}`` for a log line."""
+    flat = {f"{stage}_{k}": v for stage, acc in result.items() if stage != "images" for k, v in acc.items()}
+    return {**flat, "val_images": result["images"]}
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return getattr(module, "module", module)  # DDP keeps the model in .module
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m maskco.evaluate.linear", description=__doc__.split("\n\n")[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="pretraining checkpoint or exported torchvision backbone")
+    source.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised --arch (baseline)")
+    parser.add_argument("--arch", choices=ARCHS, help="backbone arch (default: from the checkpoint or its key shapes)")
+    parser.add_argument("--train", required=True, help="labelled training split (ImageFolder root, .txt list, ...)")
+    parser.add_argument("--val", required=True, help="labelled validation split")
+    parser.add_argument("--num-classes", type=int, help="class count, for sources whose classes cannot be listed")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="multilayer")
+    parser.add_argument("--pooling", choices=POOLINGS, default="fixed",
+                        help="fixed: DESIGN 4.8's kernels (224 px); adaptive: same grids at any image size")
+    parser.add_argument("--epochs", type=int, help="default: 90 (multilayer) / 100 (lastlayer)")
+    parser.add_argument("--lr", type=float, help="default: 0.1 (multilayer) / 30 (lastlayer)")
+    parser.add_argument("--milestones", type=int, nargs="*", help="epochs where lr /= 10; default 30 60 / 60 80")
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--weight-decay", type=float, help="default: 1e-4 (multilayer) / 0 (lastlayer)")
+    parser.add_argument("--batch-size", type=int, default=256, help="global batch over all ranks")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--backend", default="torch", help="data backend (pipelines.build_loader)")
+    parser.add_argument("--workers", type=int, default=None, help="decode workers per rank (default: backend's)")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="backbone autocast; auto: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
+    parser.add_argument("--log-every", type=int, default=100, help="log the losses every N steps (0: per epoch only)")
+    parser.add_argument("--out-dir", default="runs/linear")
+    parser.add_argument("--resume", default="auto", help="auto (out_dir/linear_last.pt if present), none, or a path")
+    args = parser.parse_args(argv)
+    if args.random_init and not args.arch:
+        parser.error("--random-init needs --arch")
+    for key, value in PROTOCOL_DEFAULTS[args.protocol].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    for name in ("epochs", "batch_size", "image_size", "eval_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def class_count(args: argparse.Namespace) -> int:
+    """Classes of the train split; the val split must have the same ones. Unlabelled sources -> ValueError."""
+    train, val = source_classes(args.train, "--train"), source_classes(args.val, "--val")
+    if train is not None and val is not None and train != val:
+        raise ValueError(f"--train has classes {train[:5]}... ({len(train)}), --val {val[:5]}... ({len(val)}): "
+                         "they must be the same classes")
+    found = len(train) if train is not None else (len(val) if val is not None else None)
+    if args.num_classes is not None and found is not None and args.num_classes != found:
+        raise ValueError(f"--num-classes {args.num_classes}, but --train has {found} classes")
+    if found is None and args.num_classes is None:
+        raise ValueError(f"cannot list the classes of {args.train}; pass --num-classes")
+    return found if found is not None else args.num_classes
+
+
+def resume_state(path: str, num_classes: int, dims: dict[str, int], protocol: str) -> dict:
+    """Load a heads checkpoint and refuse one trained for other classes, stages or feature sizes."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated or foreign file
+        raise ValueError(f"linear checkpoint {path} is unreadable: {error}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a linear-evaluation checkpoint (no format {FORMAT!r})")
+    if state["num_classes"] != num_classes:
+        raise ValueError(f"linear checkpoint {path} has heads for {state['num_classes']} classes, but the "
+                         f"train split has {num_classes}; use another --out-dir or --resume none")
+    if state["protocol"] != protocol or state["dims"] != dims:
+        raise ValueError(f"linear checkpoint {path} is for protocol {state['protocol']} with feature sizes "
+                         f"{state['dims']}, this run is {protocol} with {dims}; use another --out-dir or --resume none")
+    return state
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    # ---- distributed + device
+    info = dist.init_distributed(None if args.device == "auto" else args.device)
+    device, world_size = info.device, info.world_size
+    if args.batch_size % world_size:
+        raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world_size} ranks")
+    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    torch.manual_seed(args.seed)  # same heads (and random backbone) on every rank
+    log = RunLog(args.out_dir, enabled=info.rank == 0)
+    log.write({"config": {**vars(args), "precision": precision}, "git": git_revision(), "world_size": world_size,
+               "device": str(device), "torch": torch.__version__})
+
+    # ---- data
+    num_classes = class_count(args)
+    common = dict(image_size=args.image_size, device=device, rank=info.rank, world_size=world_size,
+                  seed=args.seed, workers=args.workers)
+    per_rank = args.batch_size // world_size
+    train_loader = pipelines.build_loader(args.backend, args.train, batch_size=per_rank,
+                                          crop_scale=(0.08, 1.0), **common)
+    val_loader = pipelines.build_loader(args.backend, args.val, batch_size=per_rank, eval_mode=True, **common)
+
+    # ---- model: frozen backbone, trainable heads
+    if args.random_init:
+        backbone = getattr(torchvision.models, args.arch)(weights=None)
+        backbone.fc = nn.Identity()
+    else:
+        backbone = load_backbone(args.checkpoint, args.arch)
+    features = MultiLayerFeatures(backbone.to(device), args.protocol, args.pooling, precision)
+    if device.type == "cuda":
+        features.backbone.to(memory_format=torch.channels_last)
+    dims = features.dims(args.image_size)
+    heads = LinearHeads(dims, num_classes, batchnorm=args.protocol == "multilayer").to(device)
+    if dist.is_distributed() and device.type == "cuda":  # torch's SyncBatchNorm runs on GPUs only
+        heads = nn.SyncBatchNorm.convert_sync_batchnorm(heads)
+    if dist.is_distributed():
+        heads = nn.parallel.DistributedDataParallel(heads, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = torch.optim.SGD(heads.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+
+    # ---- resume, then train
+    last = os.path.join(args.out_dir, LAST)
+    resume = (last if os.path.exists(last) else None) if args.resume == "auto" else (
+        None if args.resume == "none" else args.resume)
+    start = 0
+    if resume:
+        state = resume_state(resume, num_classes, dims, args.protocol)
+        _unwrap(heads).load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+        log.write({"resumed": resume, "epoch": start})
+    log.write({"dims": dims, "num_classes": num_classes, "steps_per_epoch": len(train_loader),
+               "val_steps": len(val_loader), "start_epoch": start})
+    result = {}
+    for epoch in range(start, args.epochs):
+        lr = step_lr(epoch, args.lr, args.milestones)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        train_loader.set_epoch(epoch)
+        began = time.time()
+        losses = train_epoch(features, heads, train_loader, optimizer, device, num_classes, args.log_every,
+                             lambda record: log.write({"epoch": epoch + 1, **record}))
+        record = {"epoch": epoch + 1, "lr": lr, "seconds": round(time.time() - began, 1),
+                  **{f"loss_{stage}": value for stage, value in losses.items()}}
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            result = evaluate(features, heads, val_loader, device, num_classes)
+            record.update(flat_accuracies(result))
+        log.write(record)
+        if info.rank == 0:
+            checkpoint.save_atomic({"format": FORMAT, "epoch": epoch + 1, "protocol": args.protocol, "dims": dims,
+                                    "num_classes": num_classes, "heads": _unwrap(heads).state_dict(),
+                                    "optimizer": optimizer.state_dict(), "args": vars(args)}, last)
+    if not result:  # resumed after the last epoch: validate the finished heads once more
+        result = evaluate(features, heads, val_loader, device, num_classes)
+        log.write({"epoch": start, **flat_accuracies(result)})
+    if info.rank == 0:
+        with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as handle:
+            json.dump({"checkpoint": args.checkpoint or f"random init ({args.arch})", "protocol": args.protocol,
+                       "epochs": args.epochs, **result}, handle, indent=1)
+    log.close()
+    del heads, optimizer
+    dist.shutdown()
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as error:  # bad input: one clear line, no traceback
+        sys.exit(f"error: {error}")
