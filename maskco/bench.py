@@ -53,7 +53,11 @@ def timed(fn, items_per_call: int, device: torch.device, repeats: int, warmup: i
 
 # ---- 1. decode ceiling
 def decode_ceiling(paths: list[str], threads: int, device, repeats: int) -> dict:
-    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+    import warnings
+
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs in favour of torchcodec
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
 
     def decode_all():
         with ThreadPoolExecutor(threads) as pool:  # decode_jpeg releases the GIL

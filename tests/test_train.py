@@ -205,3 +205,10 @@ def test_ddp_ranks_see_disjoint_data(tmp_path, sample_root):
     assert set(per_rank[0].tolist()).isdisjoint(per_rank[1].tolist())
     assert result["steps"] == 24 // (2 * 4)
     assert sorted(result["all"].tolist()) == list(range(24))  # 24 images, 2 ranks x 3 steps x 4: all covered
+
+
+def test_knn_monitor_is_logged_with_the_loss(tmp_path, sample_root):
+    out_dir = run(tmp_path, "knn", sample_root, "--max_steps=6", "--knn_every=1", f"--knn_train={sample_root}",
+                  f"--knn_val={sample_root}")
+    knn = [r for r in records(out_dir) if "knn_top1" in r]
+    assert len(knn) == 1 and knn[0]["epoch"] == 1 and 0 <= knn[0]["knn_top1"] <= 100
