@@ -23,14 +23,15 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or from an incompatible run; the message names the file."""
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save to a temporary file in the same folder, fsync, then os.replace: never half-written."""
+def atomic_write(path: str, write) -> None:
+    """Call ``write(stream)`` on a temporary file in the same folder, fsync, then os.replace: a reader
+    sees the old file or the new one, never a half-written one (also when the process dies)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    handle, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
         with os.fdopen(handle, "wb") as stream:
-            torch.save(obj, stream)
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, path)
@@ -38,6 +39,11 @@ def save_atomic(obj, path: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def save_atomic(obj, path: str) -> None:
+    """torch.save ``obj`` to ``path`` atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda stream: torch.save(obj, stream))
 
 
 def load(path: str) -> dict:

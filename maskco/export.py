@@ -23,7 +23,6 @@ import json
 import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 
 import torch
@@ -31,6 +30,7 @@ import torchvision
 from torch import nn
 
 from maskco.checkpoint import FORMAT as CHECKPOINT_FORMAT
+from maskco.checkpoint import atomic_write
 
 TORCHVISION_FILE = "backbone_torchvision.pth"
 DETECTRON2_FILE = "backbone_detectron2.pkl"
@@ -155,23 +155,6 @@ def load_backbone(path: str, arch: str | None = None) -> nn.Module:
 
 # ---- writing
 
-def _atomic_write(path: str, write) -> None:
-    """Call ``write(stream)`` on a temp file in the same folder, fsync, then os.replace: never half-written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _checked_weights(state_dict: Mapping) -> dict:
     weights, _ = backbone_weights(state_dict)
     infer_arch(weights)  # refuse anything that is not a whole torchvision ResNet
@@ -185,7 +168,7 @@ def export_torchvision(state_dict: Mapping, path: str) -> None:
     ``backbone.`` prefix; ``fc.*`` is dropped.
     """
     weights = _checked_weights(state_dict)
-    _atomic_write(path, lambda stream: torch.save(weights, stream))
+    atomic_write(path, lambda stream: torch.save(weights, stream))
 
 
 def detectron2_name(key: str, layout: str = "c4") -> str:
@@ -213,7 +196,7 @@ def export_detectron2(state_dict: Mapping, path: str, layout: str = "c4") -> Non
     model = {detectron2_name(key, layout): value.numpy() for key, value in weights.items()
              if not key.endswith("num_batches_tracked")}
     payload = {"model": model, "__author__": "maskco", "matching_heuristics": False}
-    _atomic_write(path, lambda stream: pickle.dump(payload, stream, protocol=pickle.HIGHEST_PROTOCOL))
+    atomic_write(path, lambda stream: pickle.dump(payload, stream, protocol=pickle.HIGHEST_PROTOCOL))
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -115,6 +115,14 @@ def build_loader(
     )
 
 
+def check_position(epoch: int, skip_batches: int, steps_per_epoch: int) -> None:
+    """Validate the arguments of a loader's ``set_epoch(epoch, skip_batches)``."""
+    if epoch < 0:
+        raise ValueError(f"epoch must be >= 0, got {epoch}")
+    if not 0 <= skip_batches <= steps_per_epoch:
+        raise ValueError(f"skip_batches must be in 0..{steps_per_epoch} (steps per epoch), got {skip_batches}")
+
+
 def available_backends() -> dict[str, str]:
     """Map every backend name to "" if it imports, else to the reason it does not."""
     status = {}

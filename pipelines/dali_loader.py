@@ -76,7 +76,7 @@ from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 from PIL import Image
 
-from pipelines import Batch
+from pipelines import Batch, check_position
 from pipelines.sources import DataError, ImageList, list_images
 
 READER = "reader"
@@ -203,10 +203,7 @@ class DaliLoader:
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Iterate ``epoch`` next, starting at step ``skip_batches`` (until the next set_epoch)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= skip_batches <= len(self):
-            raise ValueError(f"skip_batches must be in 0..{len(self)} (steps per epoch), got {skip_batches}")
+        check_position(epoch, skip_batches, len(self))
         self.epoch, self.skip_batches = epoch, skip_batches
 
     def __iter__(self):

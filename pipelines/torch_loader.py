@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from pipelines import Batch
+from pipelines import Batch, check_position
 from pipelines.sources import DataError, ImageList, list_images
 
 # What PIL raises for a file that is not a readable image: missing / zero-byte / non-image
@@ -151,10 +151,7 @@ class ResumableBatchSampler:
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Iterate ``epoch`` next, starting at step ``skip_batches`` (until the next set_epoch)."""
-        if epoch < 0:
-            raise ValueError(f"epoch must be >= 0, got {epoch}")
-        if not 0 <= skip_batches <= len(self):
-            raise ValueError(f"skip_batches must be in 0..{len(self)} (steps per epoch), got {skip_batches}")
+        check_position(epoch, skip_batches, len(self))
         self.epoch, self.skip_batches = epoch, skip_batches
 
     def __len__(self) -> int:
