@@ -183,7 +183,8 @@ def step_figures(cfg, device, steps: int, repeats: int) -> list[dict]:
 
 
 # ---- 3, 4, 6: per backend
-def backend_figures(backend: str, source: str, cfg, device, threads: int, batches: int, e2e: bool) -> list[dict]:
+def backend_figures(backend: str, source: str, cfg, device, threads: int, batches: int, e2e_batches: int) -> list[dict]:
+    """Loader, ready-input and (if e2e_batches) end-to-end figures of one backend."""
     loader = pipelines.build_loader(backend, source, batch_size=cfg.batch_size, image_size=cfg.image_size,
                                     device=device, workers=threads, seed=0)
     loader.set_epoch(0)
@@ -192,7 +193,7 @@ def backend_figures(backend: str, source: str, cfg, device, threads: int, batche
     trainer = Trainer(cfg, device)
     rows.append({"figure": "ready", "name": backend,
                  **_iterate_rate(loader, batches, cfg.batch_size, device, trainer.ready)})
-    if e2e:
+    if e2e_batches:
         waits = []
 
         def full(batch):
@@ -200,7 +201,7 @@ def backend_figures(backend: str, source: str, cfg, device, threads: int, batche
 
         def timed_iter():
             iterator, total, wait = iter(loader), time.perf_counter(), 0.0
-            for _ in range(batches):
+            for _ in range(e2e_batches):
                 tick = time.perf_counter()
                 try:
                     batch = next(iterator)
@@ -214,7 +215,7 @@ def backend_figures(backend: str, source: str, cfg, device, threads: int, batche
             waits.append(wait / (time.perf_counter() - total))
 
         full(next(iter(loader)))
-        result = timed(timed_iter, batches * cfg.batch_size, device, repeats=3, warmup=0)
+        result = timed(timed_iter, e2e_batches * cfg.batch_size, device, repeats=3, warmup=0)
         rows.append({"figure": "e2e", "name": backend, **result, "data_wait": statistics.median(waits)})
     if hasattr(loader, "close"):
         loader.close()
@@ -297,13 +298,16 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--batches", type=int, default=8, help="batches per timed loader repeat")
+    parser.add_argument("--batches", type=int, default=0,
+                        help="batches per timed loader repeat (0: 8 x threads, so that the batches a loader "
+                             "prefetched before the clock started - about 2 per worker - weigh little)")
     parser.add_argument("--steps", type=int, default=3, help="steps per timed step repeat")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--skip", default="", help="comma list of figures to skip: decode,baseline,loader,step,e2e,roi")
     parser.add_argument("--out-dir", default="runs/bench")
     args = parser.parse_args(argv)
+    args.batches = args.batches or max(8, 8 * args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     skip = set(filter(None, args.skip.split(",")))
@@ -347,7 +351,9 @@ def main(argv=None) -> int:
         if backend == "ffcv":
             source = args.ffcv_data or _beton(root, args.out_dir)
         if "loader" not in skip:
-            add(backend_figures(backend, source, cfg, device, args.threads, args.batches, e2e="e2e" not in skip))
+            # on a GPU the loader must outrun the step for many batches; on a CPU the step dominates
+            e2e_batches = 0 if "e2e" in skip else (args.batches if device.type == "cuda" else args.steps)
+            add(backend_figures(backend, source, cfg, device, args.threads, args.batches, e2e_batches))
     if "step" not in skip:
         add(step_figures(cfg, device, args.steps, args.repeats))
     if "roi" not in skip:

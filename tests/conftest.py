@@ -96,3 +96,8 @@ def _corrupt_quantisation_table(data: bytes) -> bytes:
     at = data.find(b"\xff\xdb")
     assert at > 0, "no DQT segment in the JPEG"
     return data[: at + 2] + b"\x00\x02" + data[at + 4 :]
+
+
+def pytest_configure(config):
+    # torchvision 0.29 deprecates its image codecs (moving to torchcodec); we still use them on purpose
+    config.addinivalue_line("filterwarnings", "ignore:The image decoding and encoding capabilities:DeprecationWarning")
