@@ -115,6 +115,25 @@ def build_loader(
     )
 
 
+def check_common_args(batch_size, image_size, rank, world_size, seed, crop_scale, crop_ratio, flip_prob) -> None:
+    """Validate the arguments every backend takes from :func:`build_loader`; ValueError names the argument."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if image_size < 1:
+        raise ValueError(f"image_size must be >= 1, got {image_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in 0..world_size-1 with world_size >= 1, got rank {rank}, "
+                         f"world_size {world_size}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if len(crop_scale) != 2 or not 0 < crop_scale[0] <= crop_scale[1]:
+        raise ValueError(f"crop_scale must be (low, high) with 0 < low <= high, got {crop_scale}")
+    if len(crop_ratio) != 2 or not 0 < crop_ratio[0] <= crop_ratio[1]:
+        raise ValueError(f"crop_ratio must be (low, high) with 0 < low <= high, got {crop_ratio}")
+    if not 0 <= flip_prob <= 1:
+        raise ValueError(f"flip_prob must be in [0, 1], got {flip_prob}")
+
+
 def check_position(epoch: int, skip_batches: int, steps_per_epoch: int) -> None:
     """Validate the arguments of a loader's ``set_epoch(epoch, skip_batches)``."""
     if epoch < 0:
