@@ -81,4 +81,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (pipelines.DataError, ImportError) as error:  # bad input: one clear line, no traceback
+        sys.exit(f"maskco.show: error: {error}")

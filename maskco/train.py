@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 import pipelines
+from pipelines import DataError
 from maskco import checkpoint, dist
 from maskco.config import Config, ConfigError, build_config, global_batch, peak_lr
 from maskco.engine import LoopState, train
@@ -232,5 +233,14 @@ def knn(cfg: Config, run: Run, info) -> dict:
     return {f"knn_{k}": v for k, v in result.items()}
 
 
+def cli() -> int:
+    """``main`` for the command line: a bad input is one clear line on stderr, not a traceback."""
+    try:
+        return main()
+    except (DataError, checkpoint.CheckpointError, ConfigError, ImportError) as error:
+        print(f"maskco.train: error: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

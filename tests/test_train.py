@@ -212,3 +212,12 @@ def test_knn_monitor_is_logged_with_the_loss(tmp_path, sample_root):
                   f"--knn_val={sample_root}")
     knn = [r for r in records(out_dir) if "knn_top1" in r]
     assert len(knn) == 1 and knn[0]["epoch"] == 1 and 0 <= knn[0]["knn_top1"] <= 100
+
+
+def test_command_line_bad_input_is_one_line_without_traceback(tmp_path):
+    command = [sys.executable, "-m", "maskco.train", *TINY, f"--data={tmp_path / 'missing'}",
+               f"--out_dir={tmp_path / 'out'}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert f"data source {tmp_path / 'missing'} does not exist" in result.stderr
