@@ -16,11 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -28,102 +26,10 @@ import pipelines
 from maskco import microbench
 from maskco.config import build_config, replace
 from maskco.method import MethodSpec, forward_loss, ready_inputs
-from maskco.runlog import git_revision
+from maskco.bench_baselines import baseline_loader, decode_ceiling
+from maskco.bench_report import environment, report, targets
+from maskco.bench_timing import loader_rate, sync, timed
 from maskco.train import amp_dtype, build_encoders, build_optimizer, unwrap
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, items_per_call: int, device: torch.device, repeats: int, warmup: int = 1) -> dict:
-    """Run ``fn`` warmup + repeats times; img/s of each timed call -> median and spread."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        rates.append(items_per_call / (time.perf_counter() - start))
-    return {"img_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": repeats}
-
-
-# ---- 1. decode ceiling
-def decode_ceiling(paths: list[str], threads: int, device, repeats: int) -> dict:
-    import warnings
-
-    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image codecs in favour of torchcodec
-        warnings.simplefilter("ignore", DeprecationWarning)
-        from torchvision.io import ImageReadMode, decode_jpeg, read_file
-
-    def decode_all():
-        with ThreadPoolExecutor(threads) as pool:  # decode_jpeg releases the GIL
-            list(pool.map(lambda p: decode_jpeg(read_file(p), mode=ImageReadMode.RGB), paths))
-
-    torch.set_num_threads(1)
-    try:
-        return timed(decode_all, len(paths), torch.device("cpu"), repeats)
-    finally:
-        torch.set_num_threads(threads)
-
-
-# ---- 2. the reference MoCo v2 loader
-def baseline_loader(root: str, batch_size: int, image_size: int, threads: int, device, batches: int):
-    from PIL import ImageFilter
-    import random
-    from torchvision import datasets, transforms
-
-    class Blur:  # MoCo v2's GaussianBlur (PIL), as in facebookresearch/moco main_moco.py
-        def __call__(self, image):
-            return image.filter(ImageFilter.GaussianBlur(radius=random.uniform(0.1, 2.0)))
-
-    class TwoCrops:
-        def __init__(self, transform):
-            self.transform = transform
-
-        def __call__(self, image):
-            return self.transform(image), self.transform(image)
-
-    moco_v2 = transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=(0.2, 1.0)),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        transforms.RandomApply([Blur()], p=0.5),
-        transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
-    ])
-    dataset = datasets.ImageFolder(root, TwoCrops(moco_v2))
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=threads,
-                                         pin_memory=device.type == "cuda", drop_last=True, persistent_workers=True)
-    return _iterate_rate(loader, batches, batch_size, device, lambda b: [t.to(device, non_blocking=True) for t in b[0]])
-
-
-def _iterate_rate(loader, batches: int, batch_size: int, device, consume, repeats: int = 3) -> dict:
-    """img/s of ``batches`` batches of ``loader`` (after one warm-up batch), ``repeats`` times."""
-    rates = []
-    iterator = iter(loader)
-    consume(next(iterator))  # warm-up: workers started, first batch
-    for _ in range(repeats):
-        _sync(device)
-        start, seen = time.perf_counter(), 0
-        for _ in range(batches):
-            try:
-                item = next(iterator)
-            except StopIteration:
-                if hasattr(loader, "set_epoch"):
-                    loader.set_epoch(getattr(loader, "_bench_epoch", 0) + 1)
-                    loader._bench_epoch = getattr(loader, "_bench_epoch", 0) + 1
-                iterator = iter(loader)
-                item = next(iterator)
-            consume(item)
-            seen += batch_size
-        _sync(device)
-        rates.append(seen / (time.perf_counter() - start))
-    return {"img_per_s": statistics.median(rates), "min": min(rates), "max": max(rates), "repeats": repeats}
 
 
 # ---- 5. the step on synthetic ready inputs
@@ -226,10 +132,10 @@ def backend_figures(backend: str, source: str, cfg, device, threads: int, batche
                                     device=device, workers=threads, seed=0)
     loader.set_epoch(0)
     rows = [{"figure": "loader", "name": backend,
-             **_iterate_rate(loader, batches, cfg.batch_size, device, lambda b: b.view_q)}]
+             **loader_rate(loader, batches, cfg.batch_size, device, lambda b: b.view_q)}]
     trainer = Trainer(cfg, device)
     rows.append({"figure": "ready", "name": backend,
-                 **_iterate_rate(loader, batches, cfg.batch_size, device, trainer.ready)})
+                 **loader_rate(loader, batches, cfg.batch_size, device, trainer.ready)})
     if e2e_batches:
         waits = []
 
@@ -245,10 +151,10 @@ def backend_figures(backend: str, source: str, cfg, device, threads: int, batche
                 except StopIteration:
                     iterator = iter(loader)
                     batch = next(iterator)
-                _sync(device)
+                sync(device)
                 wait += time.perf_counter() - tick
                 full(batch)
-            _sync(device)
+            sync(device)
             waits.append(wait / (time.perf_counter() - total))
 
         full(next(iter(loader)))
@@ -257,76 +163,6 @@ def backend_figures(backend: str, source: str, cfg, device, threads: int, batche
     if hasattr(loader, "close"):
         loader.close()
     return rows
-
-
-def environment(device, threads: int) -> dict:
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"machine": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "threads": threads, "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
-            "git": git_revision(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-
-def report(rows: list[dict], out_dir: str, env: dict) -> None:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench.jsonl"), "a", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps({**env, **row}) + "\n")
-    ceiling = next((r for r in rows if r["figure"] == "decode"), None)
-    baseline = next((r for r in rows if r["figure"] == "baseline"), None)
-    print(f"\n{'figure':<16}{'name':<28}{'img/s':>10}{'min-max':>18}   ratio")
-    for row in rows:
-        reference = {"loader": ceiling, "ready": baseline}.get(row["figure"])
-        ratio = f"{row['img_per_s'] / reference['img_per_s']:.2f}x {reference['figure']}" if reference else ""
-        if "data_wait" in row:
-            ratio += f"waiting for data {row['data_wait']:.0%}"
-        spread = f"{row['min']:.1f}-{row['max']:.1f}"
-        print(f"{row['figure']:<16}{row['name']:<28}{row['img_per_s']:>10.1f}{spread:>18}   {ratio}")
-    _chart(rows, os.path.join(out_dir, "bench.png"), env)
-
-
-def _chart(rows: list[dict], path: str, env: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{r['figure']}: {r['name']}" for r in rows]
-    values = [r["img_per_s"] for r in rows]
-    figure, axis = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
-    axis.barh(labels[::-1], values[::-1], color="#3b7dd8")
-    axis.set_xlabel("images / s (median)")
-    axis.set_title(f"maskco bench — {env['gpu'] or env['cpu']} ({env['threads']} threads), {env['date']}")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def targets(rows: list[dict]) -> list[str]:
-    """The issue's targets, as ratios of figures measured in this run (reported, never asserted)."""
-    get = {(r["figure"], r["name"]): r["img_per_s"] for r in rows}
-    lines = []
-    best_ready = max((v for (f, _), v in get.items() if f == "ready"), default=None)
-    best_loader = max((v for (f, _), v in get.items() if f == "loader"), default=None)
-    if best_ready and ("baseline", "baseline") in get:
-        lines.append(f"best ready inputs / baseline loader = {best_ready / get['baseline', 'baseline']:.2f}x (target >= 3x)")
-    if best_loader and ("decode", "decode") in get:
-        lines.append(f"best loader / decode ceiling = {best_loader / get['decode', 'decode']:.0%} (target >= 50%)")
-    for mph in ("attn", "none"):
-        maskco, mocov2 = get.get(("step", f"maskco/mph={mph}")), get.get(("step", f"mocov2/mph={mph}"))
-        if maskco and mocov2:
-            lines.append(f"maskco step time / mocov2 step time (mph={mph}) = {mocov2 / maskco:.3f}x (target <= 1.15x)")
-    step = get.get(("step", "maskco/mph=attn"))
-    ready = get.get(("ready_synthetic", "boxes+augment+mask"))
-    method = get.get(("method_only", "boxes+mask+roi_pool+logits"))
-    if ready and step:
-        lines.append(f"boxes+augment+mask time / maskco step time = {step / ready:.1%}")
-    if method and step:
-        lines.append(f"boxes+mask+roi_pool+logits time / maskco step time = {step / method:.1%} (target <= 3%)")
-    for (figure, name), value in get.items():
-        if figure == "e2e" and ("step", "ready+maskco") in get:
-            lines.append(f"e2e {name} / (ready inputs + step on a synthetic batch) = "
-                         f"{value / get['step', 'ready+maskco']:.0%} (GPU target >= 95%)")
-    return lines
 
 
 def main(argv=None) -> int:

@@ -5,7 +5,6 @@ automatically from ``out_dir/checkpoint_last.pt`` (``--resume=none`` to start ov
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from dataclasses import dataclass
@@ -216,7 +215,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         log.write({"finished": True, "step": state.step, "first_loss": losses[0] if losses else None,
                    "last_loss": losses[-1] if losses else None})
     log.close()
-    del model, run, optimizer, encoder_q, encoder_k
+    run.encoder_q = run.optimizer = None  # drop DDP and the optimiser before the process group goes
+    del model, optimizer, encoder_q, encoder_k
     dist.shutdown()
     return 128 + int(state.stop_signal) if state.stop_signal else 0
 
