@@ -25,6 +25,8 @@ TRAIN ?=
 VAL ?=
 
 DATA_ARG := $(if $(DATA),--data=$(DATA),)
+# make bench measures every backend unless BACKEND is given on the command line or in the environment
+BENCH_BACKEND := $(if $(filter command line environment,$(origin BACKEND)),$(BACKEND),all)
 # one process without torchrun; torchrun (c10d rendezvous) for several GPUs or nodes
 ifeq ($(RDZV_ENDPOINT),)
 RDZV := --nnodes=$(NODES) --node_rank=$(NODE_RANK) --master_addr=$(MASTER_ADDR) --master_port=$(MASTER_PORT)
@@ -54,7 +56,7 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
 bench: $(VENV)/.installed
-	$(PY) -m maskco.bench --backend=$(or $(filter-out torch,$(BACKEND)),all) $(DATA_ARG) $(ARGS)
+	$(PY) -m maskco.bench --backend=$(BENCH_BACKEND) $(DATA_ARG) $(ARGS)
 
 show: $(VENV)/.installed
 	$(PY) -m maskco.show $(CONFIG) --backend=$(BACKEND) $(DATA_ARG) $(ARGS)
