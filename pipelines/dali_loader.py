@@ -34,37 +34,29 @@ no DALI shuffle or sharding: the list is the shard, a multiple of the batch, so 
 same samples in the same order as the uninterrupted run. The random crops after the resume point are
 fresh draws (DALI's random streams cannot be rewound per sample). Crop seed: (seed + rank, epoch, step).
 
-Webdataset shards (``source`` = one ``.tar``, a folder of ``.tar`` files, or a pattern such as
-``shards/train-{0000..0099}.tar`` or ``shards/*.tar``). ``readers.webdataset`` reads images (extensions
-in ``WDS_IMAGE_EXT``, case-insensitive) and, if the first shard has ``.cls`` members, integer labels;
-samples missing a component are skipped. Index files (``<name>.idx`` beside each tar, from DALI's
-``wds2idx`` tool) are used when every shard has one; otherwise the loader writes them once to a
-temporary folder at start-up (each rank scans every tar: index big sets beforehand). Each epoch the
-tar order is permuted with (seed, epoch), the same on every rank, and DALI shards the sample stream
-(``shard_id=rank``, ``num_shards=world_size``: contiguous chunks, ``pad_last_batch``), shuffling within
-``shuffle_buffer`` samples; every rank stops after ``len()`` steps. Resume builds the epoch's pipeline
-(all seeds fixed by (seed, rank, epoch)) and drops the first ``skip_batches`` batches: exact, views
-included, at the cost of decoding them. ``index`` is None (DALI does not report a sample's position).
+Webdataset shards (``source`` = one ``.tar``, a folder of them or a brace / glob pattern; what is read
+and how the shards are indexed: ``pipelines.dali_webdataset``). Each epoch the tar order is permuted
+with (seed, epoch), the same on every rank, and DALI shards the sample stream (``shard_id=rank``,
+``num_shards=world_size``: contiguous chunks, ``pad_last_batch``), shuffling within ``shuffle_buffer``
+samples; every rank stops after ``len()`` steps. Resume builds the epoch's pipeline (all seeds fixed by
+(seed, rank, epoch)) and drops the first ``skip_batches`` batches: exact, views included, at the cost
+of decoding them. ``index`` is None (DALI does not report a sample's position).
 
 Iteration goes through ``DALIGenericIterator`` with ``LastBatchPolicy.DROP`` and ``reader_name``.
 
 Bad images. DALI cannot skip a sample it fails to decode: the iteration stops with an error. The
-loader then finds the file: DALI's message names it for broken JPEGs; otherwise the images of the
-failing step are decoded with PIL. With ``strict_data=True`` (and always for webdataset) it raises
-:class:`DataError` naming the file (``tar:offset:member`` for shards). Otherwise (image folders and
-lists) the file is replaced, from then on, by the nearest earlier good image of the same rank and
-epoch (so other ranks are unaffected), counted in ``skipped`` / ``skipped_paths``, and the epoch
-continues from the failed step in a new pipeline. A missing path, an empty source or a pattern that
-matches nothing raises :class:`DataError` before any pipeline is built.
+loader then finds the file (``pipelines.dali_bad_images``): DALI's message names it for broken JPEGs;
+otherwise the images of the failing step are decoded with PIL. With ``strict_data=True`` (and always
+for webdataset) it raises :class:`DataError` naming the file (``tar:offset:member`` for shards).
+Otherwise (image folders and lists) the file is replaced, from then on, by the nearest earlier good
+image of the same rank and epoch (so other ranks are unaffected), counted in ``skipped`` /
+``skipped_paths``, and the epoch continues from the failed step in a new pipeline. A missing path, an
+empty source or a pattern that matches nothing raises :class:`DataError` before any pipeline is built.
 """
 from __future__ import annotations
 
-import glob
-import io
 import os
-import re
 import shutil
-import tarfile
 import tempfile
 import warnings
 import weakref
@@ -74,17 +66,17 @@ import numpy as np
 import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-from PIL import Image
 
 from pipelines import Batch, check_position
+from pipelines.dali_bad_images import check_images, named_in_message
+from pipelines.dali_webdataset import (WDS_IMAGE_EXT, count_shards, parse_labels, read_shards, shard_samples,
+                                       tar_shards)
 from pipelines.sources import DataError, ImageList, list_images
 
 READER = "reader"
 # extra: dataset index (image folders and lists) or the label's bytes (webdataset)
 OUTPUTS = ["view_q", "geometry_q", "view_k", "geometry_k", "extra"]
-WDS_IMAGE_EXT = "jpg;jpeg;png;webp;bmp;ppm;pgm;pnm;tif;tiff"
 MAX_SKIPPED_PATHS = 20
-UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)  # what PIL raises
 
 
 def build_dali_loader(
@@ -161,13 +153,9 @@ def _files_pipeline(reader_args, view_args):
 
 @pipeline_def
 def _shards_pipeline(reader_args, view_args):
-    encoded, *label = _as_list(fn.readers.webdataset(name=READER, **reader_args))
+    encoded, *label = read_shards(name=READER, **reader_args)
     extra = fn.pad(label[0], fill_value=0) if label else fn.cast(encoded.shape()[0:0], dtype=types.UINT8)
     return tuple(_two_views(encoded, **view_args)) + (extra,)
-
-
-def _as_list(outputs) -> list:
-    return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]  # one ext: one DataNode
 
 
 class DaliLoader:
@@ -193,7 +181,7 @@ class DaliLoader:
             self._paths = [os.path.abspath(path) for path in images.paths]  # a list file's are relative to it
             self._listable = not any("\n" in p or p != p.rstrip() for p in self._paths)
         else:
-            self.size, self._labelled, self._index_paths = _count_shards(tars, self._tmp)
+            self.size, self._labelled, self._index_paths = count_shards(tars, self._tmp)
         if self.size < batch_size * world_size:
             raise DataError(f"data source {source} has {self.size} images, fewer than one global batch "
                             f"(batch_size {batch_size} x world_size {world_size})")
@@ -280,7 +268,7 @@ class DaliLoader:
             label = self._labels[index]
             self.skipped += int(mine[1][step * self.batch_size : (step + 1) * self.batch_size].sum())
         else:
-            index, label = None, _parse_labels(out["extra"].cpu())
+            index, label = None, parse_labels(out["extra"].cpu())
         batch = Batch(view_q=out["view_q"], view_k=out["view_k"], crop_q=_crops(out["geometry_q"]),
                       crop_k=_crops(out["geometry_k"]), index=index, label=label)
         return batch.to(self.device, non_blocking=True)
@@ -292,17 +280,17 @@ class DaliLoader:
         # DALI reports a failure with the batch that failed; its prefetched successors are checked too
         window = 1 + self.pipeline_args["prefetch_queue_depth"]
         steps = slice(step * self.batch_size, (step + window) * self.batch_size)
-        bad = _named_in_message(str(error))
+        bad = named_in_message(str(error))
         if mine is None:  # webdataset: read the stream again up to there, without decoding
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.tars))
-            bad = bad or _check_images(_shard_samples(self._reader_args(order), self.batch_size, steps))
+            bad = bad or check_images(shard_samples(self._reader_args(order), self.batch_size, steps))
             if bad:
                 raise DataError(f"cannot decode webdataset sample {bad[0][0]} ({bad[0][1]}); rewrite that "
                                 "shard (webdataset samples cannot be skipped)") from error
             raise error
         paths = {self._paths[i]: int(i) for i in mine[0][steps]}
         named = dict(bad)
-        bad = [(p, named[p]) for p in paths if p in named] + _check_images(
+        bad = [(p, named[p]) for p in paths if p in named] + check_images(
             (p, lambda p=p: open(p, "rb").read()) for p in paths if p not in named)
         if not bad:
             raise RuntimeError(f"DALI failed at step {step} of epoch {self.epoch} on rank {self.rank} (error "
@@ -322,138 +310,6 @@ def _crops(geometry: torch.Tensor) -> torch.Tensor:
     """int32 [N, 7] (y0, x0, h, w, H, W, flipped) -> float32 [N, 5] (x0, y0, x1, y1 in [0, 1], flipped)."""
     y0, x0, h, w, height, width, flipped = geometry.double().unbind(1)  # [N] each
     return torch.stack([x0 / width, y0 / height, (x0 + w) / width, (y0 + h) / height, flipped], 1).float()
-
-
-def _parse_labels(cls_bytes: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, L] zero-padded ``.cls`` texts -> int64 [N] (-1 where empty)."""
-    labels = []
-    for row in cls_bytes.numpy():
-        text = row.tobytes().rstrip(b"\0").strip()
-        try:
-            labels.append(int(text) if text else -1)
-        except ValueError:
-            raise DataError(f"webdataset label {text[:20]!r} is not an integer") from None
-    return torch.tensor(labels, dtype=torch.int64)
-
-
-def _named_in_message(message: str) -> list[tuple[str, str]]:
-    """DALI names the sample ("Failed to decode sample #3 : path") when a decoder reports an error."""
-    names = re.findall(r"Failed to decode sample #\d+ : (\S+)", message)
-    return [(name.strip(), "DALI: cannot decode") for name in names]
-
-
-def _check_images(samples) -> list[tuple[str, str]]:
-    """(name, read bytes) pairs -> [(name, reason)] for those PIL cannot decode fully."""
-    bad = []
-    for name, read in samples:
-        try:
-            with Image.open(io.BytesIO(read())) as image:
-                image.convert("RGB")
-        except Image.UnidentifiedImageError:
-            bad.append((name, "not an image format PIL knows"))
-        except UNREADABLE as error:
-            bad.append((name, f"{type(error).__name__}: {error}"))
-    return bad
-
-
-def _shard_samples(reader_args: dict, batch_size: int, steps: slice) -> list:
-    """(source_info, read bytes) of the samples ``steps`` of the webdataset stream of ``reader_args``."""
-    @pipeline_def(batch_size=batch_size, num_threads=1, device_id=None)
-    def raw():
-        encoded = _as_list(fn.readers.webdataset(name=READER, **reader_args))[0]
-        return encoded, fn.get_property(encoded, key="source_info")
-
-    pipe, samples, position = raw(), [], 0
-    pipe.build()
-    while position < steps.stop:
-        encoded, info = pipe.run()
-        for i in range(len(encoded)):
-            if steps.start <= position < steps.stop:  # keep only the window: the stream may be long
-                data = np.array(encoded[i]).tobytes()
-                samples.append((np.array(info[i]).tobytes().decode(), lambda data=data: data))
-            position += 1
-    return samples
-
-
-# ---- webdataset sources
-
-
-def tar_shards(source: str) -> Optional[list[str]]:
-    """The tar files of a webdataset ``source`` (a .tar, a folder of them, a brace / glob pattern), or
-    None if ``source`` is not one. Raises DataError for a missing path or an empty match."""
-    source = os.path.expanduser(source)
-    if any(c in source for c in "{*?["):
-        patterns = _expand_braces(source)
-        missing = [p for p in patterns if not any(c in p for c in "*?[") and not os.path.isfile(p)]
-        if missing:
-            raise DataError(f"webdataset shard {missing[0]} of {source} does not exist")
-        paths = sorted({p for pattern in patterns for p in glob.glob(pattern)})
-        if not paths:
-            raise DataError(f"webdataset pattern {source} matches no files")
-    elif source.endswith(".tar"):
-        if not os.path.isfile(source):
-            raise DataError(f"data source {source} does not exist")
-        paths = [source]
-    elif os.path.isdir(source):
-        names = sorted(os.listdir(source))
-        if not any(n.endswith(".tar") for n in names) or any(os.path.isdir(os.path.join(source, n))
-                                                             for n in names):
-            return None  # an image folder
-        paths = [os.path.join(source, n) for n in names if n.endswith(".tar")]
-    else:
-        return None
-    not_tar = [p for p in paths if not p.endswith(".tar")]
-    if not_tar:
-        raise DataError(f"webdataset source {source} includes {not_tar[0]}, which is not a .tar file")
-    return paths
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    """``a{00..02}b{x,y}`` -> a00bx, a00by, ..., a02by (webdataset's shard notation, zero-padded)."""
-    match = re.search(r"\{([^{}]*)\}", pattern)
-    if match is None:
-        return [pattern]
-    body = match.group(1)
-    span = re.fullmatch(r"(\d+)\.\.(\d+)", body)
-    if span:
-        items = [str(i).zfill(len(span.group(1))) for i in range(int(span.group(1)), int(span.group(2)) + 1)]
-    else:
-        items = body.split(",")
-    head, tail = pattern[: match.start()], pattern[match.end() :]
-    return [out for item in items for out in _expand_braces(head + item + tail)]
-
-
-def _count_shards(tars: list[str], index_dir: str) -> tuple[int, bool, list[str]]:
-    """-> (samples with an image (and a label where labelled), labelled, index file of each tar)."""
-    try:
-        with tarfile.open(tars[0]) as first:
-            labelled = any(member.name.endswith(".cls") for _, member in zip(range(64), first))
-    except (OSError, tarfile.TarError) as error:
-        raise DataError(f"cannot read webdataset shard {tars[0]}: {error}") from error
-    index_paths = [tar[: -len(".tar")] + ".idx" for tar in tars]
-    if not all(os.path.isfile(p) for p in index_paths):
-        # Index once here: without index files DALI re-scans every tar per pipeline, i.e. each epoch.
-        from wds2idx import IndexCreator  # ships with DALI
-
-        index_paths = [os.path.join(index_dir, f"{i:06d}.idx") for i in range(len(tars))]
-        for tar, index_path in zip(tars, index_paths):
-            with IndexCreator(tar, index_path, verbose=False) as creator:
-                creator.create_index()
-
-    @pipeline_def(batch_size=1, num_threads=1, device_id=None)
-    def count():
-        return tuple(_as_list(fn.readers.webdataset(paths=tars, index_paths=index_paths, name=READER,
-                                           ext=[WDS_IMAGE_EXT] + (["cls"] if labelled else []),
-                                           case_sensitive_extensions=False, missing_component_behavior="skip")))
-
-    pipe = count()
-    try:
-        pipe.build()
-    except RuntimeError as error:
-        raise DataError(f"cannot index webdataset shards {tars[0]} ...: {error}") from error
-    size = pipe.epoch_size(READER)
-    del pipe
-    return size, labelled, index_paths
 
 
 def _check_args(**args) -> None:

@@ -34,12 +34,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipelines.sources import DataError, ImageList, is_image_file, list_images
+from pipelines.sources import UNREADABLE, DataError, ImageList, is_image_file, list_images
 
 WRITE_MODES = ("jpg", "raw", "proportion")
 MAX_SIDE = 65535  # FFCV stores width and height as uint16
-# What PIL raises for a file that is not a readable image (see pipelines.torch_loader.UNREADABLE).
-UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 
 
 @dataclass

@@ -13,6 +13,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from PIL import Image
+
+# What PIL raises for a file that is not a readable image (corrupt, truncated, not an image, too big).
+UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 

@@ -27,11 +27,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipelines import Batch, check_common_args, check_position
-from pipelines.sources import DataError, ImageList, list_images
+from pipelines.sources import UNREADABLE, DataError, ImageList, list_images
 
 # What PIL raises for a file that is not a readable image: missing / zero-byte / non-image
 # (UnidentifiedImageError is an OSError), truncated ("image file is truncated"), broken streams.
-UNREADABLE = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 MAX_ATTEMPTS = 32  # replacement tries before concluding the source is mostly unreadable
 MAX_SKIPPED_PATHS = 20  # how many skipped files (with reasons) the loader remembers for the log
 EVAL_CROP = 0.875  # eval view: resize the shorter side to S / 0.875, centre-crop S (224 <- 256)

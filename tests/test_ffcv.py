@@ -17,9 +17,9 @@ import cv2  # noqa: E402  (installed with ffcv)
 
 import pipelines  # noqa: E402
 from maskco.boxes import sample_boxes  # noqa: E402
-from pipelines import ffcv_loader  # noqa: E402
-from pipelines.ffcv_loader import (  # noqa: E402
-    INTERPOLATIONS, build_ffcv_loader, crop_rows, crop_window, cut_view, window_params)
+from pipelines import ffcv_loader, ffcv_ops  # noqa: E402
+from pipelines.ffcv_loader import build_ffcv_loader  # noqa: E402
+from pipelines.ffcv_ops import INTERPOLATIONS, crop_rows, crop_window, cut_view, window_params  # noqa: E402
 from pipelines.ffcv_writer import check_beton, list_source, main, read_image, write_beton  # noqa: E402
 from pipelines.sources import DataError, list_images  # noqa: E402
 from pipelines.torch_loader import ResumableBatchSampler  # noqa: E402
@@ -318,12 +318,12 @@ def test_cuda_batches_equal_cpu_batches(beton, loader):
 
 
 def test_cache_dir_receives_the_kernel_cache(tmp_path):
-    ffcv_loader._cache_kernels_in(str(tmp_path))
+    ffcv_ops._cache_kernels_in(str(tmp_path))
     try:
-        ffcv_loader._mirror(np.zeros((2, 4, 3), dtype=np.int16))  # a new signature: compiled and cached
+        ffcv_ops._mirror(np.zeros((2, 4, 3), dtype=np.int16))  # a new signature: compiled and cached
         assert any(name.endswith(".nbi") for name in os.listdir(tmp_path / os.listdir(tmp_path)[0]))
     finally:
-        for kernel in ffcv_loader._CACHED_KERNELS:
+        for kernel in ffcv_ops._CACHED_KERNELS:
             kernel.enable_caching()  # back to the default place
 
 

@@ -221,3 +221,19 @@ def test_command_line_bad_input_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert f"data source {tmp_path / 'missing'} does not exist" in result.stderr
+
+
+def test_trainer_runs_on_ffcv(tmp_path, sample_root):
+    pytest.importorskip("ffcv", reason="FFCV is not installed (pip install -e .[ffcv])")
+    from pipelines.ffcv_writer import write_beton
+
+    beton = str(tmp_path / "sample.beton")
+    write_beton(sample_root, beton, progress=False)
+    out_dir = run(tmp_path, "ffcv", beton, "--backend=ffcv", "--max_steps=2", "--workers=1")
+    assert sorted(losses(out_dir)) == [1, 2]
+
+
+def test_trainer_runs_on_dali_cpu(tmp_path, sample_root):
+    pytest.importorskip("nvidia.dali", reason="DALI is not installed (pip install -e .[dali])")
+    out_dir = run(tmp_path, "dali", sample_root, "--backend=dali-cpu", "--max_steps=2", "--workers=1")
+    assert sorted(losses(out_dir)) == [1, 2]
