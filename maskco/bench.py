@@ -25,11 +25,12 @@ import torch
 import pipelines
 from maskco import microbench
 from maskco.config import build_config, replace
+from maskco.engine import optimise
 from maskco.method import MethodSpec, forward_loss, ready_inputs
 from maskco.bench_baselines import baseline_loader, decode_ceiling
 from maskco.bench_report import environment, report, targets
 from maskco.bench_timing import loader_rate, sync, timed
-from maskco.train import amp_dtype, build_encoders, build_optimizer, unwrap
+from maskco.train import amp_dtype, build_encoders, build_optimizer
 
 
 # ---- 5. the step on synthetic ready inputs
@@ -42,6 +43,7 @@ class Trainer:
         self.optimizer = build_optimizer(cfg, self.encoder_q, device)
         self.spec = MethodSpec.from_config(cfg, shuffle_bn=False)
         self.dtype = amp_dtype(cfg, device)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         self.generator = torch.Generator(device=device).manual_seed(0)
         for group in self.optimizer.param_groups:
             group["lr"] = 1e-3
@@ -51,14 +53,9 @@ class Trainer:
             return ready_inputs(batch, self.spec, self.generator)
 
     def step(self, inputs) -> None:
-        from maskco.model import momentum_update
-
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             value, _, _ = forward_loss(self.encoder_q, self.encoder_k, inputs, self.spec, None)
-        self.optimizer.zero_grad(set_to_none=True)
-        value.backward()
-        self.optimizer.step()
-        momentum_update(self.encoder_k, unwrap(self.encoder_q), 0.999)
+        optimise(value, self.optimizer, self.scaler, self.encoder_q, self.encoder_k, self.cfg.momentum)
 
 
 def synthetic_batch(batch_size: int, image_size: int, device) -> pipelines.Batch:

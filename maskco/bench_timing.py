@@ -29,7 +29,7 @@ def timed(fn, items_per_call: int, device: torch.device, repeats: int, warmup: i
 
 def loader_rate(loader, batches: int, batch_size: int, device, consume, repeats: int = 3) -> dict:
     """img/s of ``batches`` batches of ``loader`` (after one warm-up batch), ``repeats`` times."""
-    rates = []
+    rates, epoch = [], 0
     iterator = iter(loader)
     consume(next(iterator))  # warm-up: workers started, first batch
     for _ in range(repeats):
@@ -39,9 +39,9 @@ def loader_rate(loader, batches: int, batch_size: int, device, consume, repeats:
             try:
                 item = next(iterator)
             except StopIteration:
-                if hasattr(loader, "set_epoch"):
-                    loader.set_epoch(getattr(loader, "_bench_epoch", 0) + 1)
-                    loader._bench_epoch = getattr(loader, "_bench_epoch", 0) + 1
+                epoch += 1
+                if hasattr(loader, "set_epoch"):  # the baseline's DataLoader has none
+                    loader.set_epoch(epoch)
                 iterator = iter(loader)
                 item = next(iterator)
             consume(item)

@@ -62,6 +62,16 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 4099 + rank
 
 
+def optimise(value: torch.Tensor, optimizer, scaler, encoder_q, encoder_k, momentum: float) -> None:
+    """One update from the loss: backward through the scaler (a no-op unless fp16), the optimiser step,
+    then the EMA of the key encoder. The trainer and the bench both step through here."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(value).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    momentum_update(encoder_k, encoder_q, momentum)
+
+
 def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) -> LoopState:
     """Run from ``state`` to ``run.stop_step`` (the end of training, or max_steps) or a stop signal.
 
@@ -91,12 +101,8 @@ def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) ->
                     inputs = ready_inputs(batch, run.spec, generator)
                     value, stats, keys = forward_loss(run.encoder_q, run.encoder_k, inputs, run.spec,
                                                       shuffle_generator, run.queue)
-                run.optimizer.zero_grad(set_to_none=True)
-                run.scaler.scale(value).backward()
-                run.scaler.step(run.optimizer)
-                run.scaler.update()
                 momentum = schedule.ema_momentum(state.step, run.total_steps, run.momentum, run.momentum_schedule)
-                momentum_update(run.encoder_k, run.encoder_q, momentum)
+                optimise(value, run.optimizer, run.scaler, run.encoder_q, run.encoder_k, momentum)
                 if run.queue is not None:
                     run.queue.enqueue(dist.concat_all_gather(keys.detach()))
                 state.step += 1

@@ -161,7 +161,7 @@ class Encoder(nn.Module):
 
 def build_key_encoder(encoder_q: nn.Module) -> nn.Module:
     """The momentum copy: same weights, no gradients anywhere (keys are detached, DESIGN 4.4)."""
-    encoder_k = copy.deepcopy(_unwrap(encoder_q))
+    encoder_k = copy.deepcopy(unwrap(encoder_q))
     encoder_k.requires_grad_(False)
     return encoder_k
 
@@ -191,7 +191,7 @@ class _EmaLists(NamedTuple):
 _EMA_CACHE: "weakref.WeakKeyDictionary[nn.Module, _EmaLists]" = weakref.WeakKeyDictionary()
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap(module: nn.Module) -> nn.Module:
     """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while isinstance(module, nn.parallel.DistributedDataParallel) or hasattr(module, "_orig_mod"):
         module = module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module._orig_mod
@@ -238,7 +238,7 @@ def momentum_update(encoder_k: nn.Module, encoder_q: nn.Module, momentum: float)
     """
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    lists = _ema_lists(_unwrap(encoder_k), _unwrap(encoder_q))
+    lists = _ema_lists(unwrap(encoder_k), unwrap(encoder_q))
     torch._foreach_lerp_(lists.params_k, lists.params_q, 1.0 - momentum)
     for buffers_k, buffers_q in zip(lists.buffers_k, lists.buffers_q):
         torch._foreach_copy_(buffers_k, buffers_q)
@@ -250,7 +250,7 @@ def backbone_state_dict(encoder: nn.Module | Mapping) -> dict:
     Takes an ``Encoder`` (wrapped or not) or an Encoder state dict such as ``checkpoint["encoder_q"]``.
     Loads with ``strict=True`` into ``torchvision.models.<arch>()`` whose ``fc`` is ``nn.Identity()``.
     """
-    state = encoder if isinstance(encoder, Mapping) else _unwrap(encoder).state_dict()
+    state = encoder if isinstance(encoder, Mapping) else unwrap(encoder).state_dict()
     prefix = "backbone."
     backbone = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
     if not backbone:

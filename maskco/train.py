@@ -19,7 +19,8 @@ from maskco.config import Config, ConfigError, build_config, global_batch, peak_
 from maskco.engine import LoopState, train
 from maskco.loss import KeyQueue
 from maskco.method import MethodSpec
-from maskco.model import Encoder, backbone_state_dict, build_key_encoder, param_groups
+from maskco.export import TORCHVISION_FILE, export_torchvision
+from maskco.model import Encoder, build_key_encoder, param_groups, unwrap
 from maskco.runlog import RunLog, git_revision
 
 
@@ -48,12 +49,6 @@ class Run:
     global_batch: int
     log_every: int
     ckpt_every: int
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The plain encoder inside DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    module = getattr(module, "module", module)
-    return getattr(module, "_orig_mod", module)
 
 
 def amp_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
@@ -204,8 +199,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     state = train(run, loader, state, log.write, save, epoch_end)
     done = state.step >= stop_step and not state.stop_signal
     if done and cfg.export and info.rank == 0:
-        path = os.path.join(cfg.out_dir, "backbone_torchvision.pth")
-        checkpoint.save_atomic(backbone_state_dict(unwrap(run.encoder_q)), path)
+        path = os.path.join(cfg.out_dir, TORCHVISION_FILE)
+        export_torchvision(unwrap(run.encoder_q).state_dict(), path)
         log.write({"exported": path, "arch": cfg.arch})
     if state.stop_signal:
         log.write({"interrupted": int(state.stop_signal), "step": state.step,
@@ -227,9 +222,9 @@ def knn(cfg: Config, run: Run, info) -> dict:
 
     if not (cfg.knn_train and cfg.knn_val):
         raise ConfigError("knn_every needs knn_train and knn_val (labelled splits)")
-    result = knn_monitor(unwrap(run.encoder_q).backbone, cfg.knn_train, cfg.knn_val, image_size=cfg.image_size, device=run.device,
-                         batch_size=cfg.batch_size, workers=None if cfg.workers < 0 else cfg.workers, rank=info.rank,
-                         world_size=info.world_size)
+    result = knn_monitor(unwrap(run.encoder_q).backbone, cfg.knn_train, cfg.knn_val, image_size=cfg.image_size,
+                         device=run.device, batch_size=cfg.batch_size,
+                         workers=None if cfg.workers < 0 else cfg.workers, rank=info.rank, world_size=info.world_size)
     return {f"knn_{k}": v for k, v in result.items()}
 
 

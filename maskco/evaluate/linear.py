@@ -36,6 +36,7 @@ from maskco import checkpoint, dist
 from maskco.evaluate.features import (POOLINGS, PROTOCOLS, MultiLayerFeatures, check_labels, images_and_labels,
                                       source_classes)
 from maskco.export import ARCHS, load_backbone
+from maskco.model import unwrap
 from maskco.runlog import RunLog, git_revision
 
 FORMAT = "maskco-linear-v1"
@@ -91,7 +92,7 @@ def train_epoch(features: MultiLayerFeatures, heads: nn.Module, loader, optimize
     """
     features.train()  # the heads' BatchNorm trains; features.train() keeps the backbone in eval mode
     heads.train()
-    stages = list(_unwrap(heads).heads)
+    stages = list(unwrap(heads).heads)
     totals, steps, images_seen, began = None, 0, 0, time.time()
     for step, (images, labels) in enumerate(images_and_labels(loader, "train")):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -120,7 +121,7 @@ def evaluate(features: MultiLayerFeatures, heads: nn.Module, loader, device: tor
     """Top-1 / top-5 accuracy (%) per stage over ``loader`` (summed over ranks): ``{stage: {top1, top5}}``."""
     features.eval()
     heads.eval()
-    stages = list(_unwrap(heads).heads)
+    stages = list(unwrap(heads).heads)
     correct = torch.zeros(len(stages), 2, device=device)  # [stages, (top1, top5)]
     seen = torch.zeros((), device=device)
     for step, (images, labels) in enumerate(images_and_labels(loader, "validation")):
@@ -144,10 +145,6 @@ def flat_accuracies(result: dict) -> dict:
     """``{stage: {top1, top5}, images}`` -> ``{stage_top1, stage_top5, val_images}`` for a log line."""
     flat = {f"{stage}_{k}": v for stage, acc in result.items() if stage != "images" for k, v in acc.items()}
     return {**flat, "val_images": result["images"]}
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return getattr(module, "module", module)  # DDP keeps the model in .module
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -268,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = 0
     if resume:
         state = resume_state(resume, num_classes, dims, args.protocol)
-        _unwrap(heads).load_state_dict(state["heads"])
+        unwrap(heads).load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"]
         log.write({"resumed": resume, "epoch": start})
@@ -291,7 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
         log.write(record)
         if info.rank == 0:
             checkpoint.save_atomic({"format": FORMAT, "epoch": epoch + 1, "protocol": args.protocol, "dims": dims,
-                                    "num_classes": num_classes, "heads": _unwrap(heads).state_dict(),
+                                    "num_classes": num_classes, "heads": unwrap(heads).state_dict(),
                                     "optimizer": optimizer.state_dict(), "args": vars(args)}, last)
     if not result:  # resumed after the last epoch: validate the finished heads once more
         result = evaluate(features, heads, val_loader, device, num_classes)
