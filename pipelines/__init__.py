@@ -16,6 +16,7 @@ import importlib
 from dataclasses import dataclass, fields
 from typing import Optional
 
+import numpy
 import torch
 
 from pipelines.sources import DataError  # noqa: F401  (re-exported: the one error type for bad data)
@@ -113,6 +114,21 @@ def build_loader(
         flip_prob=flip_prob,
         **backend_options,
     )
+
+
+def epoch_shard(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+                shuffle: bool = True, drop_last: bool = True) -> numpy.ndarray:
+    """This rank's dataset indices of ``epoch``, in step order (int64).
+
+    The one sample assignment every backend uses, so that they see the same images at the same step:
+    a permutation drawn from (seed, epoch), cut to whole global batches (``drop_last``), then every
+    ``world_size``-th index from ``rank``, so ranks are disjoint. Step b of this rank is
+    ``indices[b * batch_size:(b + 1) * batch_size]``.
+    """
+    order = numpy.random.default_rng([seed, epoch]).permutation(num_samples) if shuffle else numpy.arange(num_samples)
+    if drop_last:  # whole global batches only
+        order = order[: num_samples // (batch_size * world_size) * batch_size * world_size]
+    return order[rank::world_size]
 
 
 def check_common_args(batch_size, image_size, rank, world_size, seed, crop_scale, crop_ratio, flip_prob) -> None:

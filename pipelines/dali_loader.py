@@ -67,7 +67,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines import Batch, check_position
+from pipelines import Batch, check_common_args, check_position, epoch_shard
 from pipelines.dali_bad_images import check_images, named_in_message
 from pipelines.dali_webdataset import (WDS_IMAGE_EXT, count_shards, parse_labels, read_shards, shard_samples,
                                        tar_shards)
@@ -95,9 +95,9 @@ def build_dali_loader(
     """
     if unused:
         warnings.warn(f"the dali backend ignores the options {sorted(unused)}", stacklevel=2)
-    _check_args(batch_size=batch_size, image_size=image_size, rank=rank, world_size=world_size, seed=seed,
-                crop_scale=crop_scale, crop_ratio=crop_ratio, flip_prob=flip_prob, prefetch=prefetch,
-                hw_decoder_load=hw_decoder_load, shuffle_buffer=shuffle_buffer)
+    check_common_args(batch_size, image_size, rank, world_size, seed, crop_scale, crop_ratio, flip_prob)
+    _check_args(crop_scale=crop_scale, prefetch=prefetch, hw_decoder_load=hw_decoder_load,
+                shuffle_buffer=shuffle_buffer)
     device = torch.device(device)
     gpu = device.type == "cuda" if cpu_only is None else not cpu_only
     if gpu and device.type != "cuda":
@@ -221,8 +221,7 @@ class DaliLoader:
 
     def _mine(self) -> tuple[np.ndarray, np.ndarray]:
         """This rank's dataset indices for the epoch, step-major, with known-bad images replaced."""
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)
-        mine = order[: len(self) * self.batch_size * self.world_size][self.rank :: self.world_size]
+        mine = epoch_shard(self.size, self.batch_size, self.rank, self.world_size, self.seed, self.epoch)
         replaced = np.isin(mine, list(self._bad))
         good = np.flatnonzero(~replaced)
         if replaced.any():
@@ -313,16 +312,13 @@ def _crops(geometry: torch.Tensor) -> torch.Tensor:
 
 
 def _check_args(**args) -> None:
+    """DALI's own options (the shared ones are checked by pipelines.check_common_args)."""
     checks = {
-        "batch_size": args["batch_size"] >= 1, "image_size": args["image_size"] >= 1,
-        "world_size": args["world_size"] >= 1, "rank": 0 <= args["rank"] < args["world_size"],
-        "seed": args["seed"] >= 0, "prefetch": args["prefetch"] >= 1,
-        "flip_prob": 0 <= args["flip_prob"] <= 1,
-        "crop_scale": len(args["crop_scale"]) == 2 and 0 < args["crop_scale"][0] <= args["crop_scale"][1] <= 1,
-        "crop_ratio": len(args["crop_ratio"]) == 2 and 0 < args["crop_ratio"][0] <= args["crop_ratio"][1],
+        "crop_scale": args["crop_scale"][1] <= 1,  # random_crop_generator draws areas within the image
+        "prefetch": args["prefetch"] >= 1,
         "hw_decoder_load": 0 <= args["hw_decoder_load"] <= 1, "shuffle_buffer": args["shuffle_buffer"] >= 1,
     }
     for name, ok in checks.items():
         if not ok:
-            raise ValueError(f"invalid {name}: {args[name]!r} (rank needs 0 <= rank < world_size, ranges "
-                             "(low, high) with 0 < low <= high, crop_scale <= 1, probabilities in [0, 1])")
+            raise ValueError(f"invalid {name}: {args[name]!r} (crop_scale's high end at most 1, prefetch and "
+                             "shuffle_buffer >= 1, hw_decoder_load in [0, 1])")

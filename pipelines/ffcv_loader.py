@@ -45,7 +45,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.transforms import ToDevice, ToTensor
 
-from pipelines import Batch, check_common_args, check_position
+from pipelines import Batch, check_common_args, check_position, epoch_shard
 from pipelines.ffcv_ops import (HAS_LINEAR, INTERPOLATIONS, TwoViewDecoder, _cache_kernels_in, crop_rows,
                                 window_params)
 from pipelines.ffcv_writer import BetonInfo, check_beton
@@ -123,11 +123,9 @@ class ShardOrder:
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """int64 [steps * batch_size]: this rank's samples of ``epoch``, in order."""
-        if self.quasi is not None:
-            order = np.asarray(self.quasi.sample_order(epoch), dtype=np.int64)
-        else:
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
-        return order[: self.steps * self.batch_size * self.world_size][self.rank :: self.world_size]
+        if self.quasi is not None:  # one process only (world_size 1 is checked)
+            return np.asarray(self.quasi.sample_order(epoch), dtype=np.int64)[: self.steps * self.batch_size]
+        return epoch_shard(self.num_samples, self.batch_size, self.rank, self.world_size, self.seed, epoch)
 
 
 class FFCVLoader:

@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from pipelines import Batch, check_common_args, check_position
+from pipelines import Batch, check_common_args, check_position, epoch_shard
 from pipelines.sources import UNREADABLE, DataError, ImageList, list_images
 
 # What PIL raises for a file that is not a readable image: missing / zero-byte / non-image
@@ -159,12 +159,8 @@ class ResumableBatchSampler:
         return math.ceil(len(range(self.rank, self.size, self.world_size)) / self.batch_size)
 
     def __iter__(self):
-        order = np.arange(self.size)
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.size)  # [size]
-        if self.drop_last:  # whole global batches only
-            order = order[: len(self) * self.batch_size * self.world_size]
-        mine = order[self.rank :: self.world_size]
+        mine = epoch_shard(self.size, self.batch_size, self.rank, self.world_size, self.seed, self.epoch,
+                           self.shuffle, self.drop_last)
         for step in range(self.skip_batches, len(self)):
             chunk = mine[step * self.batch_size : (step + 1) * self.batch_size]
             yield [(self.epoch, int(index)) for index in chunk]
