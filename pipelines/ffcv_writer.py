@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from pipelines.sources import UNREADABLE, DataError, ImageList, is_image_file, list_images
+from pipelines.sources import UNREADABLE, DataError, ImageList, list_images
 
 WRITE_MODES = ("jpg", "raw", "proportion")
 MAX_SIDE = 65535  # FFCV stores width and height as uint16
@@ -210,55 +210,13 @@ def _star(item):
     return function(*arguments)
 
 
-# ---- listing: pipelines.sources.list_images, except that unreadable folders are skipped
+# ---- listing
 
 def list_source(source: str) -> tuple[ImageList, list[tuple[str, str]]]:
-    """``list_images(source)`` (same paths, labels, classes), except that a folder below the root
-    that cannot be read, or a class folder without images, is returned as (path, reason) instead of
-    raising."""
-    source = os.path.expanduser(str(source))
-    if not os.path.isdir(source):
-        return list_images(source), []
-    unreadable: list[tuple[str, str]] = []
-    entries = _listdir(source, unreadable)
-    if unreadable:  # the root itself: nothing to convert
-        raise DataError(f"cannot read directory {source}: {unreadable[0][1]}")
-    class_dirs = [e for e in entries if os.path.isdir(os.path.join(source, e)) and not e.startswith(".")]
-    if class_dirs and not any(is_image_file(e) for e in entries):  # ImageFolder
-        paths, labels = [], []
-        for label, name in enumerate(class_dirs):
-            found = _walk(os.path.join(source, name), unreadable)
-            if not found:  # list_images refuses this; here the label stays reserved, and it is reported
-                unreadable.append((os.path.join(source, name), "class folder holds no images"))
-            paths += found
-            labels += [label] * len(found)
-        images = ImageList(paths, labels, class_dirs)
-    else:
-        paths = _walk(source, unreadable)
-        images = ImageList(paths, [-1] * len(paths), [])
-    if not images.paths:
-        raise DataError(f"no images found under {source}" + (f" ({len(unreadable)} unreadable or empty "
-                                                            "folders)" if unreadable else ""))
-    return images, unreadable
-
-
-def _listdir(path: str, unreadable: list) -> list[str]:
-    try:
-        return sorted(os.listdir(path))
-    except OSError as error:
-        unreadable.append((path, f"cannot read folder ({error.strerror or error})"))
-        return []
-
-
-def _walk(root: str, unreadable: list) -> list[str]:
-    found = []
-    for name in _listdir(root, unreadable):
-        path = os.path.join(root, name)
-        if os.path.isdir(path):
-            found += _walk(path, unreadable)
-        elif is_image_file(name):
-            found.append(path)
-    return found
+    """``list_images(source)``, except that a folder below the root that cannot be read, or a class
+    folder without images, is returned as (path, reason) instead of raising."""
+    skipped: list[tuple[str, str]] = []
+    return list_images(source, skipped), skipped
 
 
 def _check_args(write_mode, max_resolution, jpeg_quality, compress_probability, workers) -> None:

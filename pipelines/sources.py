@@ -6,7 +6,10 @@ A source is one of
 - a ``.txt`` file with one image path per line, optionally followed by whitespace and an integer
   label (web-scale lists); relative paths are taken relative to the list's folder; ``#`` comments.
 
-Every problem with the source itself is a :class:`DataError` that names the path.
+Every problem with the source itself is a :class:`DataError` that names the path. A caller that
+would rather go on (the FFCV writer) passes a ``skipped`` list: then an unreadable folder below the
+root, or a class folder without images, is appended to it as ``(path, reason)`` instead (a class
+folder keeps its label either way).
 """
 from __future__ import annotations
 
@@ -38,49 +41,56 @@ def is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _listdir(path: str) -> list[str]:
+def _listdir(path: str, skipped: list | None = None) -> list[str]:
     try:
         return sorted(os.listdir(path))
-    except PermissionError as error:
-        raise DataError(f"cannot read directory {path}: permission denied") from error
     except OSError as error:
-        raise DataError(f"cannot read directory {path}: {error.strerror or error}") from error
+        if skipped is None:
+            reason = "permission denied" if isinstance(error, PermissionError) else error.strerror or error
+            raise DataError(f"cannot read directory {path}: {reason}") from error
+        skipped.append((path, f"cannot read folder ({error.strerror or error})"))
+        return []
 
 
-def _walk_images(root: str) -> list[str]:
+def _walk_images(root: str, skipped: list | None) -> list[str]:
     found = []
-    for name in _listdir(root):
+    for name in _listdir(root, skipped):
         path = os.path.join(root, name)
         if os.path.isdir(path):
-            found.extend(_walk_images(path))
+            found.extend(_walk_images(path, skipped))
         elif is_image_file(name):
             found.append(path)
     return found
 
 
-def _from_folder(root: str) -> ImageList:
-    entries = _listdir(root)
+def _from_folder(root: str, skipped: list | None) -> ImageList:
+    entries = _listdir(root)  # the root itself must be readable either way
     class_dirs = [e for e in entries if os.path.isdir(os.path.join(root, e)) and not e.startswith(".")]
     loose_images = [e for e in entries if is_image_file(e)]
     if class_dirs and not loose_images:  # ImageFolder
         paths, labels, empty = [], [], []
         for label, name in enumerate(class_dirs):
-            images = _walk_images(os.path.join(root, name))
+            images = _walk_images(os.path.join(root, name), skipped)
             if not images:
                 empty.append(os.path.join(root, name))
             paths.extend(images)
             labels.extend([label] * len(images))
-        if empty:
+        if empty and skipped is not None:
+            skipped.extend((path, "class folder holds no images") for path in empty)
+        elif empty:
             raise DataError(
                 f"{len(empty)} class folder(s) under {root} hold no images "
                 f"(extensions {', '.join(IMAGE_EXTENSIONS)}): {', '.join(empty[:5])}"
                 + (" ..." if len(empty) > 5 else "")
             )
-        return ImageList(paths, labels, class_dirs)
-    paths = _walk_images(root)
-    if not paths:
-        raise DataError(f"no images found under {root} (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    return ImageList(paths, [-1] * len(paths), [])
+        images = ImageList(paths, labels, class_dirs)
+    else:
+        paths = _walk_images(root, skipped)
+        images = ImageList(paths, [-1] * len(paths), [])
+    if not images.paths:
+        raise DataError(f"no images found under {root} (extensions {', '.join(IMAGE_EXTENSIONS)})"
+                        + (f"; {len(skipped)} unreadable or empty folders" if skipped else ""))
+    return images
 
 
 def _from_list(list_file: str) -> ImageList:
@@ -104,13 +114,17 @@ def _from_list(list_file: str) -> ImageList:
     return ImageList(paths, labels, classes)
 
 
-def list_images(source: str) -> ImageList:
-    """List the images (and labels) of ``source``; raise :class:`DataError` if there are none."""
+def list_images(source: str, skipped: list | None = None) -> ImageList:
+    """List the images (and labels) of ``source``; raise :class:`DataError` if there are none.
+
+    skipped: if a list, unreadable folders below the root and class folders without images are
+    appended to it as ``(path, reason)`` instead of raising (see the module docstring).
+    """
     source = os.path.expanduser(str(source))
     if not os.path.exists(source):
         raise DataError(f"data source {source} does not exist")
     if os.path.isdir(source):
-        return _from_folder(source)
+        return _from_folder(source, skipped)
     if source.endswith(".txt"):
         return _from_list(source)
     raise DataError(
