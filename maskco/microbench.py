@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from maskco.bench_timing import sync
 from maskco.loss import contrastive_loss
 from maskco.roi import roi_pool, roi_pool_reference
 
@@ -60,12 +61,10 @@ def _loss_cases(device, generator):
 
 
 def _time(step, device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     start = time.perf_counter()
     step()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)  # wait for exactly the queued work of this step
+    sync(device)  # wait for exactly the queued work of this step
     return (time.perf_counter() - start) * 1e3
 
 
