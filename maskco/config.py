@@ -28,6 +28,7 @@ CHOICES = {
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "momentum_schedule": ("constant", "cosine"),
     "key_bn": ("shuffle", "sync", "local"),
+    "roi_centering": ("receptive", "half_pixel"),
     "backend": ("torch", "ffcv", "dali", "dali-cpu"),
     "device": ("auto", "cpu", "cuda"),
 }
@@ -48,6 +49,7 @@ class Config:
     roi_output_size: int = 7  # RoI-align grid before averaging (sets the adaptive sampling count)
     roi_sampling_ratio: int = 2  # bilinear samples per bin per axis; <= 0: adaptive
     roi_fused: bool = True  # fused separable RoI-align-pool (False: torchvision roi_align + mean)
+    roi_centering: str = "receptive"  # box -> C5 mapping: receptive (RoI centred on the box through the trunk's real receptive-field centres) | half_pixel (torchvision aligned=True, cell j at stride*(j+0.5): the old mapping, for ablation)
     num_negatives: int = 16  # M: negative key boxes per image [paper]
     intra_negatives: bool = False  # MaskCo(+in): also use the image's own M negatives
     other_positives: bool = False  # also use the other images' positives as negatives
@@ -87,7 +89,8 @@ class Config:
     base_lr: float = 0.03  # lr per 256 images; peak lr = base_lr * global batch / 256
     min_lr: float = 0.0  # cosine end value
     warmup_epochs: float = 10.0  # linear warm-up from 0
-    weight_decay: float = 1e-4  # not on 1-D parameters
+    weight_decay: float = 1e-4  # on >= 2-D weights; 1-D parameters (BN, biases) too only if weight_decay_all
+    weight_decay_all: bool = False  # also decay 1-D parameters (MoCo v2 decays every parameter)
     sgd_momentum: float = 0.9
     # ---- speed (DESIGN 5)
     device: str = "auto"  # auto | cpu | cuda

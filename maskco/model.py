@@ -101,7 +101,8 @@ class Encoder(nn.Module):
 
     def __init__(self, arch: str = "resnet50", dilated: bool = False, mph: str = "attn", mph_width: int = 512,
                  mph_layers: int = 2, mph_heads: int = 8, head_hidden: int = 2048, head_dim: int = 128,
-                 roi_output_size: int = 7, roi_sampling_ratio: int = 2, roi_fused: bool = True):
+                 roi_output_size: int = 7, roi_sampling_ratio: int = 2, roi_fused: bool = True,
+                 roi_centering: str = "receptive"):
         super().__init__()
         if arch not in ARCHS:
             raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
@@ -130,6 +131,7 @@ class Encoder(nn.Module):
         self.roi_output_size = roi_output_size
         self.roi_sampling_ratio = roi_sampling_ratio
         self.roi_fused = roi_fused
+        self.roi_centering = roi_centering
 
     def forward(self, x: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
         return self.embed(self.features(x), boxes)  # [N, L, head_dim]
