@@ -260,9 +260,11 @@ def backbone_state_dict(encoder: nn.Module | Mapping) -> dict:
     return backbone
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(module: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
     """Two optimizer groups: ``weight_decay`` on >= 2-D weights (conv, linear, attention), none on 1-D
-    parameters (BN and LayerNorm affine, biases), the usual practice (DESIGN 4.7). Frozen params are skipped."""
+    parameters (BN and LayerNorm affine, biases), the usual practice (DESIGN 4.7); ``decay_all`` decays the
+    1-D parameters too, as MoCo v2 does (``moco/main_moco.py`` hands SGD every parameter). Frozen params
+    are skipped."""
     params = [p for p in module.parameters() if p.requires_grad]
     return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": weight_decay if decay_all else 0.0}]

@@ -91,7 +91,7 @@ def build_encoders(cfg: Config, device: torch.device, distributed: bool):
 def build_optimizer(cfg: Config, encoder_q: torch.nn.Module, device: torch.device) -> torch.optim.SGD:
     # fused SGD (one kernel for all parameters) on CUDA; the foreach path elsewhere
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(param_groups(encoder_q, cfg.weight_decay), lr=0.0, momentum=cfg.sgd_momentum, **fast)
+    return torch.optim.SGD(param_groups(encoder_q, cfg.weight_decay, cfg.weight_decay_all), lr=0.0, momentum=cfg.sgd_momentum, **fast)
 
 
 def checkpoint_state(cfg: Config, run: Run, state: LoopState, steps_per_epoch: int) -> dict:
