@@ -24,13 +24,13 @@ import torch
 
 import pipelines
 from maskco import microbench
-from maskco.config import build_config, replace
+from maskco.config import MOCOV2, build_config, method_label, replace
 from maskco.engine import optimise
 from maskco.method import MethodSpec, forward_loss, ready_inputs
 from maskco.bench_baselines import baseline_loader, decode_ceiling
 from maskco.bench_report import environment, report, targets
 from maskco.bench_timing import loader_rate, sync, timed
-from maskco.train import amp_dtype, build_encoders, build_optimizer
+from maskco.build import amp_dtype, build_encoders, build_optimizer, build_queue
 
 
 # ---- 5. the step on synthetic ready inputs
@@ -44,18 +44,20 @@ class Trainer:
         self.spec = MethodSpec.from_config(cfg, shuffle_bn=False)
         self.dtype = amp_dtype(cfg, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        self.queue = build_queue(cfg, device)
         self.generator = torch.Generator(device=device).manual_seed(0)
         for group in self.optimizer.param_groups:
             group["lr"] = 1e-3
 
     def ready(self, batch):
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            return ready_inputs(batch, self.spec, self.generator)
+        return ready_inputs(batch, self.spec, self.generator)  # fp32 whatever the precision, as in the trainer
 
     def step(self, inputs) -> None:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            value, _, _ = forward_loss(self.encoder_q, self.encoder_k, inputs, self.spec, None)
+            value, _, keys = forward_loss(self.encoder_q, self.encoder_k, inputs, self.spec, None, self.queue)
         optimise(value, self.optimizer, self.scaler, self.encoder_q, self.encoder_k, self.cfg.momentum)
+        if self.queue is not None:
+            self.queue.enqueue(keys)
 
 
 def synthetic_batch(batch_size: int, image_size: int, device) -> pipelines.Batch:
@@ -71,14 +73,17 @@ def synthetic_batch(batch_size: int, image_size: int, device) -> pipelines.Batch
 def step_figures(cfg, device, steps: int, repeats: int) -> list[dict]:
     rows = []
     batch = synthetic_batch(cfg.batch_size, cfg.image_size, device)
-    for method in ("maskco", "mocov2"):
-        for mph in ("attn", "none"):
-            trainer = Trainer(replace(cfg, method=method, mph=mph), device)
-            inputs = trainer.ready(batch)
-            result = timed(lambda: [trainer.step(inputs) for _ in range(steps)], steps * cfg.batch_size, device,
-                           repeats)
-            rows.append({"figure": "step", "name": f"{method}/mph={mph}", **result})
-            del trainer
+    # MaskCo with and without its MPH; MoCo v2 (faithful: no MPH, 65,536-key queue) and MoCo v2-like
+    # with the MPH, so each MaskCo row has a same-network MoCo row (labels from config.method_label)
+    for changes in ({"mph": "attn"}, {"mph": "none"}, {**MOCOV2, "method": "mocov2"},
+                    {**MOCOV2, "method": "mocov2", "mph": "attn"}):
+        variant = replace(cfg, **changes)
+        trainer = Trainer(variant, device)
+        inputs = trainer.ready(batch)
+        result = timed(lambda: [trainer.step(inputs) for _ in range(steps)], steps * cfg.batch_size, device,
+                       repeats)
+        rows.append({"figure": "step", "name": method_label(variant), "mph": variant.mph, **result})
+        del trainer
     trainer = Trainer(cfg, device)  # boxes + augmentation + masking alone (the input side of a step)
     result = timed(lambda: [trainer.ready(batch) for _ in range(steps)], steps * cfg.batch_size, device, repeats)
     rows.append({"figure": "ready_synthetic", "name": "boxes+augment+mask", **result})

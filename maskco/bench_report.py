@@ -64,11 +64,11 @@ def targets(rows: list[dict]) -> list[str]:
         lines.append(f"best ready inputs / baseline loader = {best_ready / get['baseline', 'baseline']:.2f}x (target >= 3x)")
     if best_loader and ("decode", "decode") in get:
         lines.append(f"best loader / decode ceiling = {best_loader / get['decode', 'decode']:.0%} (target >= 50%)")
-    for mph in ("attn", "none"):
-        maskco, mocov2 = get.get(("step", f"maskco/mph={mph}")), get.get(("step", f"mocov2/mph={mph}"))
+    for maskco_name, moco_name in (("MaskCo", "MoCo v2-like (mph=attn)"), ("MaskCo (mph=none)", "MoCo v2")):
+        maskco, mocov2 = get.get(("step", maskco_name)), get.get(("step", moco_name))
         if maskco and mocov2:
-            lines.append(f"maskco step time / mocov2 step time (mph={mph}) = {mocov2 / maskco:.3f}x (target <= 1.15x)")
-    step = get.get(("step", "maskco/mph=attn"))
+            lines.append(f"{maskco_name} step time / {moco_name} step time = {mocov2 / maskco:.3f}x (target <= 1.15x)")
+    step = get.get(("step", "MaskCo"))
     ready = get.get(("ready_synthetic", "boxes+augment+mask"))
     method = get.get(("method_only", "boxes+mask+roi_pool+logits"))
     if ready and step:

@@ -37,7 +37,7 @@ CHOICES = {
 @dataclass(frozen=True)
 class Config:
     # ---- method (DESIGN 4)
-    method: str = "maskco"  # maskco | mocov2 (global pooling instead of boxes: the paper's baseline)
+    method: str = "maskco"  # maskco | mocov2 (the paper's baseline: global pooling; unset keys take MOCOV2 below)
     arch: str = "resnet50"  # any torchvision resnet*; weights stay torchvision-shaped
     dilated: bool = False  # dilated C5 (stride 16 instead of 32)
     mph: str = "attn"  # Mask Prediction Head: attn (2 Transformer layers) | conv | none (ablation)
@@ -180,6 +180,8 @@ def _check(cfg: Config) -> Config:
             raise ConfigError(message)
     if cfg.method == "maskco" and cfg.num_negatives == 0 and not cfg.other_positives and cfg.queue_size == 0:
         raise ConfigError("maskco needs negatives: num_negatives > 0, other_positives or queue_size")
+    if cfg.method == "mocov2" and not cfg.other_positives and cfg.queue_size == 0:
+        raise ConfigError("mocov2 needs negatives: queue_size > 0 (MoCo v2: 65536) or other_positives=true")
     return cfg
 
 
@@ -222,8 +224,16 @@ def parse_override(arg: str) -> tuple[str, object]:
     return key, _coerce(key, value, "the command line")
 
 
+# MoCo v2 as facebookresearch/moco trains it (main_moco.py --mlp --moco-t 0.2 --aug-plus --cos): global
+# pooling, no MPH, a 65,536-key queue of all-gathered keys as the only negatives, weight decay on every
+# parameter, cosine lr without warm-up. ``method: mocov2`` takes these unless a preset or override sets them.
+MOCOV2 = {"mph": "none", "queue_size": 65536, "other_positives": False, "weight_decay_all": True,
+          "warmup_epochs": 0.0, "temperature": 0.2, "momentum": 0.999}
+
+
 def build_config(args: typing.Sequence[str] = (), base: dict | None = None) -> Config:
-    """Presets (positional ``*.yaml`` or preset names) in order, then ``--key=value`` overrides."""
+    """Presets (positional ``*.yaml`` or preset names) in order, then ``--key=value`` overrides; then, for
+    ``method: mocov2``, the MoCo v2 values (``MOCOV2``) of every key that neither set."""
     values = dict(base or {})
     for arg in args:
         if arg.startswith("--"):
@@ -231,7 +241,23 @@ def build_config(args: typing.Sequence[str] = (), base: dict | None = None) -> C
             values[key] = value
         else:
             values.update(load_preset(arg))
+    if values.get("method") == "mocov2":
+        values = {**MOCOV2, **values}
     return _check(Config(**values))
+
+
+def method_label(cfg: Config) -> str:
+    """What a run is, for tables and figures: "MoCo v2" only for the faithful baseline (``MOCOV2``);
+    anything else names how it differs, e.g. "MoCo v2-like (queue_size=4096)"."""
+    if cfg.method == "mocov2":
+        changed = [f"{key}={_plain(getattr(cfg, key))}" for key, value in MOCOV2.items()
+                   if getattr(cfg, key) != value and key != "warmup_epochs"]
+        return f"MoCo v2-like ({', '.join(changed)})" if changed else "MoCo v2"
+    name = "MaskCo(+in)" if cfg.intra_negatives else "MaskCo"
+    notes = [f"{key}={getattr(cfg, key)}" for key, default in
+             (("mph", "attn"), ("mask_mode", "zero"), ("roi_centering", "receptive")) if getattr(cfg, key) != default]
+    notes += ["other_positives"] * cfg.other_positives + [f"queue_size={cfg.queue_size}"] * bool(cfg.queue_size)
+    return f"{name} ({', '.join(notes)})" if notes else name
 
 
 def config_from_dict(values: dict, where: str = "a checkpoint") -> Config:
@@ -266,5 +292,5 @@ ARCHITECTURE_KEYS = (
 )
 __all__ = [
     "Config", "ConfigError", "build_config", "config_from_dict", "replace", "load_preset", "valid_keys",
-    "global_batch", "peak_lr", "ARCHITECTURE_KEYS",
+    "global_batch", "peak_lr", "ARCHITECTURE_KEYS", "MOCOV2", "method_label",
 ]

@@ -84,6 +84,19 @@ def shutdown(*objects_to_drop) -> None:
 
 
 @torch.no_grad()
+def broadcast_module(module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite every parameter and buffer of ``module`` with rank ``src``'s, in place; a no-op without a group.
+
+    For state that lives outside DDP (the momentum key encoder is copied from this) or before DDP wraps
+    a module: DDP broadcasts only the module it wraps, once, at construction.
+    """
+    if get_world_size() == 1:
+        return
+    for tensor in [*module.parameters(), *module.buffers()]:
+        torch.distributed.broadcast(tensor.data, src)
+
+
+@torch.no_grad()
 def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
     """``[N, ...]`` from every rank -> ``[world_size * N, ...]`` in rank order; ``x`` itself without a group.
 

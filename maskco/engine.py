@@ -97,8 +97,8 @@ def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) ->
                     group["lr"] = lr
                 generator.manual_seed(step_seed(run.seed, state.step, run.rank))
                 shuffle_generator.manual_seed(step_seed(run.seed, state.step, 0))
+                inputs = ready_inputs(batch, run.spec, generator)  # fp32: outside autocast, whatever the precision
                 with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-                    inputs = ready_inputs(batch, run.spec, generator)
                     value, stats, keys = forward_loss(run.encoder_q, run.encoder_k, inputs, run.spec,
                                                       shuffle_generator, run.queue)
                 momentum = schedule.ema_momentum(state.step, run.total_steps, run.momentum, run.momentum_schedule)

@@ -60,7 +60,16 @@ class Inputs(NamedTuple):
 
 
 def ready_inputs(batch, spec: MethodSpec, generator: Optional[torch.Generator]) -> Inputs:
-    """Boxes, photometric augmentation, masking and normalisation, batched on the batch's device."""
+    """Boxes, photometric augmentation, masking and normalisation, batched on the batch's device.
+
+    Always fp32, even when called under autocast: the augmentation (the blur is a conv2d, which autocast
+    would run in bf16, ~1 uint8 level off) must not depend on the precision flag; only the encoders do.
+    """
+    with torch.autocast(batch.view_q.device.type, enabled=False):
+        return _ready_inputs(batch, spec, generator)
+
+
+def _ready_inputs(batch, spec: MethodSpec, generator: Optional[torch.Generator]) -> Inputs:
     n = batch.view_q.shape[0]
     photometric = dict(jitter=spec.jitter, jitter_prob=spec.jitter_prob, gray_prob=spec.gray_prob,
                        blur_prob=spec.blur_prob, blur_sigma=spec.blur_sigma)
@@ -92,9 +101,19 @@ def forward_loss(encoder_q, encoder_k, inputs: Inputs, spec: MethodSpec,
     with torch.no_grad():
         features_k = key_features(encoder_k, inputs.x_k, shuffle_generator, shuffle=spec.shuffle_bn)
         k = encoder_k.embed(features_k, inputs.boxes_k)  # [N, 1+M, D]
-    other_positives = spec.other_positives or spec.method == "mocov2"
-    extra = queue.negatives() if queue is not None else None  # [K, D] or None
-    logits = loss.contrastive_logits(q, k, inputs.valid, spec.temperature, intra=spec.intra_negatives,
-                                     other_positives=other_positives, extra_negatives=extra)  # [N, 1 + K] fp32
+    logits = step_logits(q, k, inputs.valid, spec, queue)  # [N, 1 + K] fp32
     stats = {"valid_frac": inputs.valid.float().mean(), "pos_acc": loss.positive_accuracy(logits, inputs.valid)}
     return loss.info_nce(logits, inputs.valid), stats, k[:, 0]
+
+
+def step_logits(q, k, valid, spec: MethodSpec, queue=None) -> torch.Tensor:
+    """The negatives a step uses -> fp32 logits ``[N, 1 + K]``, positive first.
+
+    q ``[N, D]``, k ``[N, 1+M, D]`` (M = 0 for mocov2: global pooling gives one key per image). MaskCo:
+    the other images' M negative boxes (+ the image's own with ``intra_negatives``). MoCo v2: the queue
+    alone, as ``moco/builder.py`` (``l_neg = q @ queue``); in-batch keys join either method only with
+    ``other_positives``.
+    """
+    extra = queue.negatives() if queue is not None else None  # [K, D] or None
+    return loss.contrastive_logits(q, k, valid, spec.temperature, intra=spec.intra_negatives,
+                                   other_positives=spec.other_positives, extra_negatives=extra)

@@ -16,7 +16,7 @@ import pipelines
 from maskco import augment
 from maskco.config import ConfigError, build_config
 from maskco.method import MethodSpec, ready_inputs
-from maskco.train import resolve_data
+from maskco.build import resolve_data
 
 POSITIVE, NEGATIVE, MASKED = (40, 220, 40), (230, 40, 40), (250, 220, 0)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -15,83 +14,12 @@ import torch
 import pipelines
 from pipelines import DataError
 from maskco import checkpoint, dist
+from maskco.build import Run, build_run, resolve_data
 from maskco.config import Config, ConfigError, build_config, global_batch, peak_lr
 from maskco.engine import LoopState, train
-from maskco.loss import KeyQueue
-from maskco.method import MethodSpec
 from maskco.export import TORCHVISION_FILE, export_torchvision
-from maskco.model import Encoder, build_key_encoder, param_groups, unwrap
+from maskco.model import unwrap
 from maskco.runlog import RunLog, git_revision
-
-
-@dataclass
-class Run:
-    """The assembled pieces the loop needs (see maskco.engine.train)."""
-
-    encoder_q: torch.nn.Module
-    encoder_k: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
-    spec: MethodSpec
-    queue: Optional[KeyQueue]
-    device: torch.device
-    amp_dtype: Optional[torch.dtype]
-    rank: int
-    seed: int
-    epochs: int
-    total_steps: int  # the schedule's length: all epochs
-    stop_step: int  # where this invocation stops: total_steps, or max_steps if smaller
-    warmup_steps: int
-    peak_lr: float
-    min_lr: float
-    momentum: float
-    momentum_schedule: str
-    global_batch: int
-    log_every: int
-    ckpt_every: int
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast by default on GPU, fp32 on CPU (CPU autocast is slower than fp32 for convs)."""
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-def resolve_data(cfg: Config, local_rank: int) -> str:
-    """The data path; "sample" builds the sample set once per node (local rank 0) and reuses it."""
-    if cfg.data != "sample":
-        return cfg.data
-    from pipelines.sample_data import make_sample_data
-
-    if local_rank == 0:
-        make_sample_data(cfg.sample_dir, num_images=cfg.sample_images, seed=0)
-    if dist.is_distributed():
-        torch.distributed.barrier()
-    return cfg.sample_dir
-
-
-def build_encoders(cfg: Config, device: torch.device, distributed: bool):
-    encoder_q = Encoder(cfg.arch, dilated=cfg.dilated, mph=cfg.mph, mph_width=cfg.mph_width,
-                        mph_layers=cfg.mph_layers, mph_heads=cfg.mph_heads, head_hidden=cfg.head_hidden,
-                        head_dim=cfg.head_dim, roi_output_size=cfg.roi_output_size,
-                        roi_sampling_ratio=cfg.roi_sampling_ratio, roi_fused=cfg.roi_fused,
-                        roi_centering=cfg.roi_centering)
-    if cfg.key_bn == "sync" and distributed:
-        if device.type != "cuda":
-            raise ConfigError("key_bn=sync needs CUDA (SyncBatchNorm runs only on GPUs); use key_bn=shuffle")
-        encoder_q = torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoder_q)
-    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    encoder_q = encoder_q.to(device, memory_format=memory_format)
-    encoder_k = build_key_encoder(encoder_q)  # outside DDP: never re-broadcast
-    return encoder_q, encoder_k
-
-
-def build_optimizer(cfg: Config, encoder_q: torch.nn.Module, device: torch.device) -> torch.optim.SGD:
-    # fused SGD (one kernel for all parameters) on CUDA; the foreach path elsewhere
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.SGD(param_groups(encoder_q, cfg.weight_decay, cfg.weight_decay_all), lr=0.0, momentum=cfg.sgd_momentum, **fast)
 
 
 def checkpoint_state(cfg: Config, run: Run, state: LoopState, steps_per_epoch: int) -> dict:
@@ -136,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # ---- distributed + device
     info = dist.init_distributed(None if cfg.device == "auto" else cfg.device)
     device, world_size = info.device, info.world_size
-    torch.manual_seed(cfg.seed + info.rank)
+    torch.manual_seed(cfg.seed + info.rank)  # per-rank host randomness; the models are seeded in maskco.build
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -154,29 +82,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         flip_prob=cfg.flip_prob, strict_data=cfg.strict_data,
     )
     steps_per_epoch = len(loader)
-    total_steps = cfg.epochs * steps_per_epoch  # the LR / momentum schedules always span all epochs
-    stop_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
 
-    # ---- model, optimiser
-    encoder_q, encoder_k = build_encoders(cfg, device, dist.is_distributed())
-    optimizer = build_optimizer(cfg, encoder_q, device)
-    model = encoder_q
-    if cfg.compile:
-        model = torch.compile(model)
-    if dist.is_distributed():
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    precision_dtype = amp_dtype(cfg, device)
-    run = Run(
-        encoder_q=model, encoder_k=encoder_k, optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type, enabled=precision_dtype == torch.float16),
-        spec=MethodSpec.from_config(cfg, shuffle_bn=cfg.key_bn == "shuffle"),
-        queue=KeyQueue(cfg.queue_size, cfg.head_dim, device=device) if cfg.queue_size else None,
-        device=device, amp_dtype=precision_dtype, rank=info.rank, seed=cfg.seed, epochs=cfg.epochs,
-        total_steps=total_steps, stop_step=stop_step, warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
-        peak_lr=peak_lr(cfg, world_size), min_lr=cfg.min_lr, momentum=cfg.momentum,
-        momentum_schedule=cfg.momentum_schedule, global_batch=global_batch(cfg, world_size),
-        log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
-    )
+    # ---- model, optimiser: identical on every rank (maskco.build)
+    run = build_run(cfg, info, steps_per_epoch)
+    total_steps, stop_step = run.total_steps, run.stop_step
 
     # ---- resume, then train
     state = LoopState()
@@ -212,7 +121,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "last_loss": losses[-1] if losses else None})
     log.close()
     run.encoder_q = run.optimizer = None  # drop DDP and the optimiser before the process group goes
-    del model, optimizer, encoder_q, encoder_k
+    del run
     dist.shutdown()
     return 128 + int(state.stop_signal) if state.stop_signal else 0
 

@@ -191,3 +191,29 @@ def test_matches_paper_loop_on_cuda():
     slow = loop_loss(q, k, valid, 0.2, intra=True, other_positives=True, queue=queue)
     assert fast.dtype == torch.float32
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+
+
+def test_mocov2_step_logits_are_moco_queue_only_formulation():
+    """``method: mocov2`` = moco/builder.py: l_pos = q.k+, l_neg = q.queue (the queue alone), / T, CE at 0."""
+    from maskco.config import build_config
+    from maskco.method import MethodSpec, step_logits
+
+    cfg = build_config(["--method=mocov2", "--queue_size=64", "--head_dim=16"])
+    spec = MethodSpec.from_config(cfg)
+    generator = torch.Generator().manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(8, 16, generator=generator), dim=1).requires_grad_()  # [N, C]
+    k = torch.nn.functional.normalize(torch.randn(8, 1, 16, generator=generator), dim=2)  # [N, 1, C]: global keys
+    queue = KeyQueue(64, 16, generator=generator)
+    valid = torch.ones(8, dtype=torch.bool)
+    logits = step_logits(q, k, valid, spec, queue)  # [N, 1 + 64]
+    # MoCo's forward, written from moco/builder.py (queue stored as [K, C] here, [C, K] there)
+    l_pos = torch.einsum("nc,nc->n", q, k[:, 0]).unsqueeze(-1)  # [N, 1]
+    l_neg = torch.einsum("nc,kc->nk", q, queue.buffer)  # [N, K]
+    reference = torch.cat([l_pos, l_neg], dim=1) / 0.2  # [N, 1 + K]
+    torch.testing.assert_close(logits, reference)
+    ours = info_nce(logits, valid)
+    theirs = torch.nn.functional.cross_entropy(reference, torch.zeros(8, dtype=torch.long))
+    torch.testing.assert_close(ours, theirs)
+    grad_ours, = torch.autograd.grad(ours, q)
+    grad_theirs, = torch.autograd.grad(theirs, q)
+    torch.testing.assert_close(grad_ours, grad_theirs)

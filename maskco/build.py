@@ -1,0 +1,135 @@
+"""Assembly: what a run is built from, shared by the trainer, the bench and ``show``.
+
+Everything here that must agree across ranks (both encoders, the queue's initial keys) is built the
+same way on every rank *and* then broadcast from rank 0: the key encoder is a copy of the query
+encoder taken after that broadcast, outside DDP, so DDP's own broadcast (of ``encoder_q`` only) is not
+what makes the ranks agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from maskco import dist
+from maskco.config import Config, ConfigError
+from maskco.loss import KeyQueue
+from maskco.method import MethodSpec
+from maskco.model import Encoder, build_key_encoder, param_groups
+
+
+@dataclass
+class Run:
+    """The assembled pieces the loop needs (see maskco.engine.train)."""
+
+    encoder_q: torch.nn.Module
+    encoder_k: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    spec: MethodSpec
+    queue: Optional[KeyQueue]
+    device: torch.device
+    amp_dtype: Optional[torch.dtype]
+    rank: int
+    seed: int
+    epochs: int
+    total_steps: int  # the schedule's length: all epochs
+    stop_step: int  # where this invocation stops: total_steps, or max_steps if smaller
+    warmup_steps: int
+    peak_lr: float
+    min_lr: float
+    momentum: float
+    momentum_schedule: str
+    global_batch: int
+    log_every: int
+    ckpt_every: int
+
+
+def amp_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
+    """bf16 autocast by default on GPU, fp32 on CPU (CPU autocast is slower than fp32 for convs)."""
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def resolve_data(cfg: Config, local_rank: int) -> str:
+    """The data path; "sample" builds the sample set once per node (local rank 0) and reuses it."""
+    if cfg.data != "sample":
+        return cfg.data
+    from pipelines.sample_data import make_sample_data
+
+    if local_rank == 0:
+        make_sample_data(cfg.sample_dir, num_images=cfg.sample_images, seed=0)
+    if dist.is_distributed():
+        torch.distributed.barrier()
+    return cfg.sample_dir
+
+
+def key_batchnorm(encoder_k: torch.nn.Module, key_bn: str, device: torch.device, distributed: bool):
+    """``key_bn=sync``: SyncBatchNorm in the key branch only (the query branch keeps per-GPU BN, as
+    with shuffle-BN); shuffle and local leave the key encoder's BatchNorm as it is."""
+    if key_bn != "sync" or not distributed:
+        return encoder_k
+    if device.type != "cuda":
+        raise ConfigError("key_bn=sync needs CUDA (SyncBatchNorm runs only on GPUs); use key_bn=shuffle")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoder_k)
+
+
+def build_encoders(cfg: Config, device: torch.device, distributed: bool):
+    """-> (encoder_q, encoder_k), bit-identical on every rank whatever each rank's RNG state."""
+    with torch.random.fork_rng(devices=[]):  # the same init on every rank, without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        encoder_q = Encoder(cfg.arch, dilated=cfg.dilated, mph=cfg.mph, mph_width=cfg.mph_width,
+                            mph_layers=cfg.mph_layers, mph_heads=cfg.mph_heads, head_hidden=cfg.head_hidden,
+                            head_dim=cfg.head_dim, roi_output_size=cfg.roi_output_size,
+                            roi_sampling_ratio=cfg.roi_sampling_ratio, roi_fused=cfg.roi_fused,
+                            roi_centering=cfg.roi_centering)
+    encoder_q = encoder_q.to(device)
+    dist.broadcast_module(encoder_q)  # rank 0's weights everywhere, before the key copy is taken
+    # after the broadcast: collectives take contiguous tensors, channels_last conv weights are not
+    encoder_q = encoder_q.to(memory_format=torch.channels_last if cfg.channels_last else torch.contiguous_format)
+    encoder_k = build_key_encoder(encoder_q)  # outside DDP: never re-broadcast
+    return encoder_q, key_batchnorm(encoder_k, cfg.key_bn, device, distributed)
+
+
+def build_optimizer(cfg: Config, encoder_q: torch.nn.Module, device: torch.device) -> torch.optim.SGD:
+    # fused SGD (one kernel for all parameters) on CUDA; the foreach path elsewhere
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    groups = param_groups(encoder_q, cfg.weight_decay, cfg.weight_decay_all)
+    return torch.optim.SGD(groups, lr=0.0, momentum=cfg.sgd_momentum, **fast)
+
+
+def build_queue(cfg: Config, device: torch.device) -> Optional[KeyQueue]:
+    """MoCo's queue of past keys (None when queue_size is 0); its random initial keys are drawn from
+    ``cfg.seed`` alone, so every rank starts with the same queue (every rank then enqueues the same
+    all-gathered keys, so it stays the same)."""
+    if not cfg.queue_size:
+        return None
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return KeyQueue(cfg.queue_size, cfg.head_dim, device=device, generator=generator)
+
+
+def build_run(cfg: Config, info: dist.DistInfo, steps_per_epoch: int) -> Run:
+    """Encoders (DDP-wrapped query under a process group), optimiser, scaler, queue and schedule numbers."""
+    from maskco.config import global_batch, peak_lr
+
+    device = info.device
+    encoder_q, encoder_k = build_encoders(cfg, device, dist.is_distributed())
+    optimizer = build_optimizer(cfg, encoder_q, device)
+    model = torch.compile(encoder_q) if cfg.compile else encoder_q
+    if dist.is_distributed():
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    precision_dtype = amp_dtype(cfg, device)
+    total_steps = cfg.epochs * steps_per_epoch  # the LR / momentum schedules always span all epochs
+    return Run(
+        encoder_q=model, encoder_k=encoder_k, optimizer=optimizer,
+        scaler=torch.amp.GradScaler(device.type, enabled=precision_dtype == torch.float16),
+        spec=MethodSpec.from_config(cfg, shuffle_bn=cfg.key_bn == "shuffle"), queue=build_queue(cfg, device),
+        device=device, amp_dtype=precision_dtype, rank=info.rank, seed=cfg.seed, epochs=cfg.epochs,
+        total_steps=total_steps, stop_step=min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps,
+        warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)), peak_lr=peak_lr(cfg, info.world_size),
+        min_lr=cfg.min_lr, momentum=cfg.momentum, momentum_schedule=cfg.momentum_schedule,
+        global_batch=global_batch(cfg, info.world_size), log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+    )
