@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from maskco.augment import normalize
-from maskco.evaluate import knn, linear
+from maskco.evaluate import knn, linear, linear_augment
 from maskco.evaluate.features import MultiLayerFeatures, source_classes
 
 # DESIGN 4.8, ResNet-50 at 224 px: (channels, grid side) per stage -> ~9k dims each
@@ -51,8 +51,8 @@ def test_pooled_sizes_per_stage_match_design_for_resnet50_at_224():
     features = MultiLayerFeatures(backbone)
     out = features(torch.zeros(2, 3, 224, 224, dtype=torch.uint8, device="meta"))
     assert {stage: value.shape for stage, value in out.items()} == {
-        stage: (2, channels * grid * grid) for stage, (channels, grid) in R50_AT_224.items()}
-    assert [value.shape[1] for value in out.values()] == [9216, 9216, 8192, 9216, 8192]
+        stage: (2, channels, grid, grid) for stage, (channels, grid) in R50_AT_224.items()}
+    assert list(features.dims(224).values()) == [9216, 9216, 8192, 9216, 8192]
 
 
 def test_multilayer_features_equal_pooled_torchvision_activations():
@@ -68,7 +68,7 @@ def test_multilayer_features_equal_pooled_torchvision_activations():
     out = MultiLayerFeatures(backbone)(images)
     assert list(out) == list(POOL)
     for stage, (kernel, stride, padding) in POOL.items():
-        expected = F.avg_pool2d(activations[stage], kernel, stride, padding).flatten(1)
+        expected = F.avg_pool2d(activations[stage], kernel, stride, padding)  # [1, C, g, g], unflattened
         torch.testing.assert_close(out[stage], expected)
     assert not out["res5"].requires_grad
 
@@ -100,7 +100,7 @@ def test_only_the_heads_train_backbone_bit_identical_after_an_epoch():
     backbone = resnet("resnet18").train()  # even handed over in train mode, BN statistics must not move
     before = {key: value.clone() for key, value in backbone.state_dict().items()}
     features = MultiLayerFeatures(backbone, pooling="adaptive")
-    heads = linear.LinearHeads(features.dims(32), num_classes=3)
+    heads = linear.LinearHeads(features.shapes(32), num_classes=3)
     heads_before = {key: value.clone() for key, value in heads.state_dict().items()}
     optimizer = torch.optim.SGD(heads.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
     losses = linear.train_epoch(features, heads, random_batches(3, 4, 32), optimizer, torch.device("cpu"), 3)
@@ -110,29 +110,155 @@ def test_only_the_heads_train_backbone_bit_identical_after_an_epoch():
     assert all(p.grad is None and not p.requires_grad for p in backbone.parameters())
     assert not backbone.training
     changed = [key for key, value in heads.state_dict().items() if not torch.equal(value, heads_before[key])]
-    assert any(key.endswith("1.weight") for key in changed)  # the Linear layers learned
-    assert any(key.endswith("running_mean") for key in changed)  # the heads' BatchNorm trained
+    assert any(key.endswith("fc.weight") for key in changed)  # the Linear layers learned
+    assert any(key.endswith("norm.running_mean") for key in changed)  # the heads' BatchNorm trained
 
 
-def test_heads_structure_per_protocol():
-    heads = linear.LinearHeads({"res2": 8, "res5": 4}, num_classes=5)
-    bn, fc = heads.heads["res2"]
-    assert isinstance(bn, nn.BatchNorm1d) and not bn.affine and fc.out_features == 5
-    last = linear.LinearHeads({"res5": 4}, num_classes=5, batchnorm=False)
+# ---- item 5: the multi-layer protocol is OpenSelfSup's configs/benchmarks/linear_classification/imagenet/
+# r50_multihead.py, point by point (docs/transfer.md has the table with each source)
+
+CLI_BASE = ["--random-init", "--arch", "resnet18", "--train", "t", "--val", "v"]
+
+
+def test_heads_are_multiclshead_batchnorm2d_per_channel_before_flatten_for_resnet50_at_224():
+    with torch.device("meta"):
+        features = MultiLayerFeatures(torchvision.models.resnet50(weights=None))
+    heads = linear.LinearHeads(features.shapes(224), num_classes=1000)
+    assert list(heads.heads) == list(R50_AT_224)
+    for stage, (channels, grid) in R50_AT_224.items():
+        norm, flatten, fc = heads.heads[stage]
+        assert type(norm) is nn.BatchNorm2d and norm.num_features == channels  # per channel, not per feature
+        assert (norm.affine, norm.momentum, norm.eps, norm.track_running_stats) == (False, 0.1, 1e-5, True)
+        assert isinstance(flatten, nn.Flatten) and fc.in_features == channels * grid * grid
+    assert [head.fc.in_features for head in heads.heads.values()] == [9216, 9216, 8192, 9216, 8192]
+    assert [name for name, _ in heads.named_parameters()] == [  # the norms have none
+        f"heads.{stage}.fc.{kind}" for stage in R50_AT_224 for kind in ("weight", "bias")]
+
+
+def test_head_normalises_each_channel_over_batch_and_positions_then_flattens():
+    head = linear.LinearHeads({"res2": (4, 3, 3)}, num_classes=5).train()
+    x = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 3 + 1  # [N, C, g, g]
+    mean = x.mean((0, 2, 3), keepdim=True)
+    var = x.var((0, 2, 3), unbiased=False, keepdim=True)
+    fc = head.heads["res2"].fc
+    expected = ((x - mean) / torch.sqrt(var + 1e-5)).reshape(6, 36) @ fc.weight.T + fc.bias  # C, g, g order
+    torch.testing.assert_close(head({"res2": x})["res2"], expected)
+    norm = head.heads["res2"].norm
+    torch.testing.assert_close(norm.running_mean, 0.1 * mean.flatten())  # momentum 0.1 from zeros
+
+
+def test_lastlayer_head_is_a_plain_linear():
+    last = linear.LinearHeads({"res5": (4,)}, num_classes=5, batchnorm=False)
     assert isinstance(last.heads["res5"], nn.Linear)
-    assert heads({"res2": torch.randn(3, 8), "res5": torch.randn(3, 4)})["res5"].shape == (3, 5)
+    assert last({"res5": torch.randn(3, 4)})["res5"].shape == (3, 5)
     with pytest.raises(ValueError, match="num_classes"):
-        linear.LinearHeads({"res5": 4}, num_classes=1)
+        linear.LinearHeads({"res5": (4,)}, num_classes=1)
 
 
-def test_step_lr_and_protocol_defaults():
-    assert [linear.step_lr(e, 0.1, [30, 60]) for e in (0, 29, 30, 59, 60, 89)] == pytest.approx(
-        [0.1, 0.1, 0.01, 0.01, 0.001, 0.001])
-    base = ["--random-init", "--arch", "resnet18", "--train", "t", "--val", "v"]
-    multi = linear.parse_args(base)
-    assert (multi.epochs, multi.lr, multi.weight_decay, multi.milestones) == (90, 0.1, 1e-4, [30, 60])
-    last = linear.parse_args(base + ["--protocol", "lastlayer", "--lr", "10"])
+def test_fc_init_is_normal_std_0_01_and_zero_bias():
+    heads = linear.LinearHeads({"conv1": (64, 12, 12), "res5": (2048,)}, num_classes=20, batchnorm=True)
+    for stage in ("conv1", "res5"):
+        fc = heads.heads[stage].fc
+        assert abs(fc.weight.mean().item()) < 5e-4  # 9216 x 20 or 2048 x 20 draws of N(0, 0.01)
+        assert fc.weight.std().item() == pytest.approx(0.01, rel=0.05)
+        assert torch.equal(fc.bias, torch.zeros(20))
+
+
+def test_training_views_get_color_jitter_then_lighting_then_normalize_and_validation_views_none(monkeypatch):
+    calls = []
+
+    def spy(name, function):
+        def wrapped(x, params):
+            out = function(x, params)
+            calls.append((name, x.clone(), params, out.clone()))
+            return out
+        monkeypatch.setattr(linear_augment, name, wrapped)
+
+    spy("color_jitter", linear_augment.color_jitter)
+    spy("lighting", linear_augment.lighting)
+    backbone = resnet("resnet18")
+    features = MultiLayerFeatures(backbone, pooling="adaptive")
+    heads = linear.LinearHeads(features.shapes(32), num_classes=3)
+    inputs = []  # what the backbone gets (hooked after shapes(), whose meta twin would copy the hook)
+    backbone.conv1.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
+    optimizer = linear.make_optimizer(heads, 0.1, 0.9, 1e-4, nesterov=True)
+    batches = random_batches(1, 64, 32)
+    linear.train_epoch(features, heads, batches, optimizer, torch.device("cpu"), 3,
+                       augment=linear_augment.TrainAugment("cpu"))
+    assert [call[0] for call in calls] == ["color_jitter", "lighting"]
+    (_, jitter_in, jitter, jitter_out), (_, light_in, alpha, light_out) = calls
+    torch.testing.assert_close(jitter_in, batches[0][0].float() / 255)  # after ToTensor
+    assert linear_augment.COLOR_JITTER == (0.4, 0.4, 0.4, 0.0)
+    assert bool(jitter.jitter.all()) and torch.equal(jitter.hue, torch.zeros(64))  # every image, hue 0
+    for factor in (jitter.brightness, jitter.contrast, jitter.saturation):
+        assert 0.6 <= factor.min() and factor.max() <= 1.4 and factor.std() > 0.1  # drawn per image
+    assert torch.equal(light_in, jitter_out)  # lighting after the jitter, on [0, 1] values
+    assert linear_augment.LIGHTING_STD == 0.1 and alpha.shape == (64, 3) and 0.05 < alpha.std() < 0.15
+    torch.testing.assert_close(inputs[0], normalize(light_out))  # then Normalize, then the backbone
+
+    calls.clear()
+    inputs.clear()
+    linear.evaluate(features, heads, batches, torch.device("cpu"), 3)
+    assert calls == []  # validation: no colour jitter, no lighting
+    torch.testing.assert_close(inputs[0], normalize(batches[0][0].float() / 255))
+
+
+def test_lighting_matches_a_per_image_reference():
+    generator = torch.Generator().manual_seed(0)
+    x, alpha = torch.rand(4, 3, 5, 6, generator=generator), torch.randn(4, 3, generator=generator) * 0.1
+    eigval = [0.2175, 0.0188, 0.0045]  # fb.resnet.torch datasets/imagenet.lua; OpenSelfSup's Lighting
+    eigvec = [[-0.5675, 0.7192, 0.4009], [-0.5808, -0.0045, -0.8140], [-0.5836, -0.6948, 0.4203]]
+    expected = x.clone()
+    for n in range(4):  # one image at a time: rgb[c] = sum_j eigvec[c][j] * alpha[j] * eigval[j]
+        for c in range(3):
+            expected[n, c] += sum(eigvec[c][j] * alpha[n, j].item() * eigval[j] for j in range(3))
+    torch.testing.assert_close(linear_augment.lighting(x, alpha), expected)
+
+
+def test_optimizer_is_nesterov_sgd_with_momentum_0_9_decaying_every_head_parameter():
+    heads = linear.LinearHeads({"conv1": (4, 3, 3), "res5": (8, 2, 2)}, num_classes=5)
+    args = linear.parse_args(CLI_BASE)
+    optimizer = linear.make_optimizer(heads, args.lr, args.momentum, args.weight_decay, args.nesterov)
+    (group,) = optimizer.param_groups
+    assert (group["nesterov"], group["momentum"], group["dampening"], group["weight_decay"]) == (True, 0.9, 0, 1e-4)
+    assert {id(p) for p in group["params"]} == {id(p) for p in heads.parameters()}  # weights and biases decayed
+    assert len(group["params"]) == 4  # two Linear layers; the affine=False norms have no parameters
+    last = linear.parse_args(CLI_BASE + ["--protocol", "lastlayer"])  # MoCo's: plain momentum
+    assert (last.nesterov, last.weight_decay) == (False, 0.0)
+    with pytest.raises(ValueError, match="momentum"):
+        linear.make_optimizer(heads, 0.1, 0.0, 1e-4, nesterov=True)
+
+
+def openselfsup_step_lr(epoch: int, lr: float, steps) -> float:
+    """mmcv's StepLrUpdaterHook (gamma 0.1, by epoch): lr * 0.1 ** (index of the first step > epoch)."""
+    return lr * 0.1 ** next((i for i, step in enumerate(steps) if epoch < step), len(steps))
+
+
+def test_lr_schedule_is_0_1_divided_by_10_at_30_and_60_over_90_epochs():
+    args = linear.parse_args(CLI_BASE)
+    assert (args.lr, args.milestones, args.epochs) == (0.1, [30, 60], 90)  # [paper]; the config file: lr 0.01
+    ours = [linear.step_lr(epoch, args.lr, args.milestones) for epoch in range(args.epochs)]
+    assert ours == pytest.approx([openselfsup_step_lr(epoch, 0.1, [30, 60, 90]) for epoch in range(90)])
+    assert ours[0] == ours[29] == pytest.approx(0.1) and ours[30] == ours[59] == pytest.approx(0.01)
+    assert ours[60] == ours[89] == pytest.approx(0.001)
+    last = linear.parse_args(CLI_BASE + ["--protocol", "lastlayer", "--lr", "10"])
     assert (last.epochs, last.lr, last.weight_decay, last.milestones) == (100, 10.0, 0.0, [60, 80])
+
+
+# The config's values (open-mmlab/mmselfsup, the former OpenSelfSup, configs/benchmarks/linear_classification/
+# imagenet/r50_multihead.py): SGD momentum 0.9, weight_decay 0.0001, nesterov True; total_epochs 90;
+# imgs_per_gpu 32 x 8 GPUs; RandomResizedCrop(224); ColorJitter + Lighting in train_pipeline; pool 'specified'.
+OPENSELFSUP = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True, "epochs": 90, "batch_size": 256,
+               "image_size": 224, "pooling": "fixed", "color_jitter": True, "lighting": True}
+
+
+def test_multilayer_defaults_are_the_openselfsup_config_but_the_papers_lr():
+    args = vars(linear.parse_args(CLI_BASE))
+    assert {key for key, value in OPENSELFSUP.items() if args[key] != value} == {"lr"}  # 0.1: the paper's text
+    grey = linear.parse_args(CLI_BASE + ["--no-color-jitter", "--no-lighting", "--no-nesterov"])
+    assert (grey.color_jitter, grey.lighting, grey.nesterov) == (False, False, False)
+    last = linear.parse_args(CLI_BASE + ["--protocol", "lastlayer"])  # MoCo's main_lincls: crop + flip only
+    assert (last.color_jitter, last.lighting) == (False, False)
 
 
 def test_topk_correct_matches_a_loop():
@@ -228,6 +354,7 @@ def test_linear_cli_trains_resumes_and_reports(sample_root, tmp_path):
     assert all(0 <= acc[k] <= 100 for stage, acc in result.items() if stage != "images" for k in ("top1", "top5"))
     state = torch.load(tmp_path / linear.LAST, weights_only=True)
     assert state["epoch"] == 1 and state["num_classes"] == 3
+    assert state["optimizer"]["param_groups"][0]["nesterov"] is True  # the CLI builds the protocol's SGD
 
     linear.main(linear_args(sample_root, sample_root, tmp_path, "--epochs", "2", "--protocol", "multilayer"))
     lines = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
@@ -238,17 +365,20 @@ def test_linear_cli_trains_resumes_and_reports(sample_root, tmp_path):
 
 
 def test_linear_refuses_resume_with_other_class_count(sample_root, tmp_path):
-    dims = {"res5": 512}
-    stale = {"format": linear.FORMAT, "epoch": 1, "protocol": "lastlayer", "dims": dims, "num_classes": 1000,
+    shapes = {"res5": [512]}
+    stale = {"format": linear.FORMAT, "epoch": 1, "protocol": "lastlayer", "shapes": shapes, "num_classes": 1000,
              "heads": {}, "optimizer": {}, "args": {}}
     torch.save(stale, tmp_path / linear.LAST)
     with pytest.raises(ValueError, match="1000 classes.*has 3"):
         linear.main(linear_args(sample_root, sample_root, tmp_path, "--protocol", "lastlayer"))
-    with pytest.raises(ValueError, match="feature sizes"):
-        linear.resume_state(str(tmp_path / linear.LAST), 1000, {"res5": 2048}, "lastlayer")
+    with pytest.raises(ValueError, match="feature shapes"):
+        linear.resume_state(str(tmp_path / linear.LAST), 1000, {"res5": [2048]}, "lastlayer")
     torch.save({"something": "else"}, tmp_path / "foreign.pt")
     with pytest.raises(ValueError, match="not a linear-evaluation checkpoint"):
-        linear.resume_state(str(tmp_path / "foreign.pt"), 3, dims, "lastlayer")
+        linear.resume_state(str(tmp_path / "foreign.pt"), 3, shapes, "lastlayer")
+    torch.save({**stale, "format": "maskco-linear-v1", "dims": {"res5": 512}}, tmp_path / "old.pt")
+    with pytest.raises(ValueError, match="BatchNorm1d"):
+        linear.resume_state(str(tmp_path / "old.pt"), 1000, shapes, "lastlayer")
 
 
 def test_linear_refuses_unlabelled_data(sample_root, tmp_path):

@@ -1,9 +1,12 @@
 """Frozen multi-layer features of a torchvision ResNet for linear evaluation (DESIGN 4.8).
 
-The paper's protocol follows Goyal et al.'s benchmark
-(https://github.com/facebookresearch/fair_self_supervision_benchmark): the outputs of conv1 (after
-bn1 + ReLU, before the max-pool) and of res2..res5 are each average-pooled to about 9k values and
-flattened. For ResNet-50 at 224 px:
+The paper evaluates with OpenSelfSup's multi-head benchmark
+(``configs/benchmarks/linear_classification/imagenet/r50_multihead.py``, after Goyal et al.'s
+https://github.com/facebookresearch/fair_self_supervision_benchmark): the outputs of conv1 (after
+bn1 + ReLU, before the max-pool: its ResNet's ``out_indices`` 0) and of res2..res5 are each
+average-pooled to about 9k values (its ``MultiPooling``, ``pool_type="specified"``). The pooled maps
+come back unflattened, [N, C, g, g], because the classifier normalises them per channel before it
+flattens them (``linear.LinearHeads``). For ResNet-50 at 224 px:
 
     stage  map                  pool (kernel, stride, pad)  grid   dims
     conv1  [N,   64, 112, 112]  (10, 10, 4)             12x12  9216
@@ -22,6 +25,7 @@ Also here: the input side shared by linear evaluation and the kNN monitor (``ima
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import torch
@@ -31,18 +35,25 @@ from torch.nn import functional as F
 from maskco.augment import normalize
 
 STAGES = ("conv1", "res2", "res3", "res4", "res5")
-# (kernel, stride, padding) of avg_pool2d; conv1's padding counts as zeros (torch's count_include_pad=True)
+# (kernel, stride, padding) of avg_pool2d: OpenSelfSup's MultiPooling.POOL_PARAMS['resnet50']
+# (openselfsup/models/utils/multi_pooling.py); conv1's padding counts as zeros (count_include_pad=True,
+# nn.AvgPool2d's default there and F.avg_pool2d's here)
 POOL = {"conv1": (10, 10, 4), "res2": (16, 8, 0), "res3": (13, 5, 0), "res4": (8, 3, 0), "res5": (6, 1, 0)}
 GRID = {"conv1": 12, "res2": 6, "res3": 4, "res4": 3, "res5": 2}  # output side of POOL at 224 px
 PROTOCOLS = ("multilayer", "lastlayer")
 POOLINGS = ("fixed", "adaptive")
 
 
-def prepare_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [N, 3, S, S] -> ImageNet-normalised float [N, 3, S, S] (what the pretrainer feeds its backbone)."""
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> float [N, 3, S, S] in [0, 1] (torchvision's ToTensor); anything else -> ValueError."""
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be uint8 [N, 3, S, S], got {images.dtype} {list(images.shape)}")
-    return normalize(images.float() / 255)
+    return images.float() / 255
+
+
+def prepare_images(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> ImageNet-normalised float [N, 3, S, S] (what the pretrainer feeds its backbone)."""
+    return normalize(to_unit(images))
 
 
 def images_and_labels(loader, split: str = "data"):
@@ -86,13 +97,15 @@ def source_classes(source: str, split: str) -> list[str] | None:
 
 
 class MultiLayerFeatures(nn.Module):
-    """Frozen backbone -> ``{stage: [N, D_stage]}`` pooled, flattened features.
+    """Frozen backbone -> ``{stage: [N, C, g, g]}`` pooled maps (``{"res5": [N, C]}`` for lastlayer).
 
     backbone: a torchvision ResNet (its ``fc`` is not used). Its parameters get ``requires_grad=False`` and it
     stays in eval mode whatever ``train()`` is called with, so BatchNorm running statistics never change:
     the backbone is bit-identical after any amount of linear training.
-    forward(images uint8 [N, 3, S, S]) runs under ``torch.no_grad()``; ``precision="bf16"`` autocasts the
-    backbone (features come back as float32 either way).
+    forward(images uint8 [N, 3, S, S], augment=None) runs under ``torch.no_grad()``; ``augment`` turns the
+    images into normalised float inputs (the linear training views: ``linear_augment.TrainAugment``), by
+    default they are only normalised. ``precision="bf16"`` autocasts the backbone (features come back as
+    float32 either way).
     """
 
     def __init__(self, backbone: nn.Module, protocol: str = "multilayer", pooling: str = "fixed",
@@ -118,20 +131,20 @@ class MultiLayerFeatures(nn.Module):
         return self
 
     def _pool(self, stage: str, x: torch.Tensor) -> torch.Tensor:
-        """[N, C, H, W] -> [N, C * grid * grid] (or [N, C] for lastlayer)."""
+        """[N, C, H, W] -> [N, C, grid, grid] (or [N, C] for lastlayer)."""
         if self.protocol == "lastlayer":
             return x.float().mean((2, 3))  # [N, C]
         if self.pooling == "adaptive":
-            return F.adaptive_avg_pool2d(x.float(), GRID[stage]).flatten(1)
+            return F.adaptive_avg_pool2d(x.float(), GRID[stage])
         kernel, stride, padding = POOL[stage]
         if min(x.shape[2:]) + 2 * padding < kernel:
             raise ValueError(f"{stage} map {list(x.shape[2:])} is smaller than its pooling kernel {kernel}: "
                              f"use 224 px images (the protocol's size) or pooling='adaptive'")
-        return F.avg_pool2d(x.float(), kernel, stride, padding).flatten(1)  # [N, C * grid^2]
+        return F.avg_pool2d(x.float(), kernel, stride, padding)  # [N, C, grid, grid]
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        x = prepare_images(images)  # [N, 3, S, S]
+    def forward(self, images: torch.Tensor, augment=None) -> dict[str, torch.Tensor]:
+        x = prepare_images(images) if augment is None else augment(images)  # [N, 3, S, S] normalised
         if x.is_cuda:
             x = x.contiguous(memory_format=torch.channels_last)  # cuDNN's fast layout for convolutions
         net = self.backbone
@@ -148,8 +161,13 @@ class MultiLayerFeatures(nn.Module):
                     out[stage] = self._pool(stage, x)
         return out
 
-    def dims(self, image_size: int) -> dict[str, int]:
-        """Feature width per stage for ``image_size`` inputs: a forward of a meta-device twin (shapes only)."""
+    def shapes(self, image_size: int) -> dict[str, tuple[int, ...]]:
+        """Per-image feature shape per stage for ``image_size`` inputs, (C, g, g) or (C,): a forward of a
+        meta-device twin (shapes only, no compute)."""
         twin = MultiLayerFeatures(copy.deepcopy(self.backbone).to("meta"), self.protocol, self.pooling)
         probe = torch.zeros(1, 3, image_size, image_size, dtype=torch.uint8, device="meta")
-        return {stage: value.shape[1] for stage, value in twin(probe).items()}
+        return {stage: tuple(value.shape[1:]) for stage, value in twin(probe).items()}
+
+    def dims(self, image_size: int) -> dict[str, int]:
+        """Flattened feature width per stage (what each classifier's Linear takes) for ``image_size`` inputs."""
+        return {stage: math.prod(shape) for stage, shape in self.shapes(image_size).items()}

@@ -2,17 +2,23 @@
 
 Two protocols:
 
-- ``multilayer`` [paper; Goyal et al.'s benchmark]: conv1 and res2..res5 features, each average-pooled
-  to about 9k values (``maskco.evaluate.features``), one ``BatchNorm1d(affine=False)`` + ``Linear`` per
-  stage, all trained together (the loss is the sum of the five cross-entropies, so each head gets its
-  own gradient). SGD lr 0.1, momentum 0.9, weight decay 1e-4, 90 epochs, lr / 10 at epochs 30 and 60.
+- ``multilayer`` [paper]: OpenSelfSup's ``configs/benchmarks/linear_classification/imagenet/r50_multihead.py``,
+  the config the paper cites. conv1 and res2..res5 average-pooled to about 9k values each
+  (``maskco.evaluate.features``); per stage ``BatchNorm2d(C, affine=False, momentum=0.1)`` on the pooled
+  map, flatten, ``Linear`` (its ``MultiClsHead``), all trained together (the loss is the sum of the five
+  cross-entropies, so each head gets its own gradient). Training views: random-resized crop (scale
+  0.08-1) + flip, then ColorJitter(0.4, 0.4, 0.4, hue 0) + PCA lighting noise (``linear_augment``). SGD
+  with Nesterov momentum 0.9, weight decay 1e-4 on every head parameter, 90 epochs, lr / 10 at epochs
+  30 and 60. The base lr is the paper's 0.1 (its supplementary); the config file says 0.01.
+  docs/transfer.md lists every point with its source and each difference from the config.
 - ``lastlayer`` (MoCo's ``main_lincls.py``): res5 global-average-pooled (2048-d), one ``Linear`` without
-  BatchNorm. Its defaults are MoCo's: lr 30, weight decay 0, 100 epochs, lr / 10 at 60 and 80.
+  BatchNorm, crop + flip only, plain momentum. Its defaults are MoCo's: lr 30, weight decay 0, 100
+  epochs, lr / 10 at 60 and 80.
 
 Every value is a flag; the resolved settings are the first log line. ``--batch-size`` is the *global*
 batch (256, as in both papers), split evenly over the ranks, so results do not depend on the GPU count;
-the learning rate is not rescaled. Training views: random-resized crop (scale 0.08-1) + flip; validation:
-resize to S/0.875 and centre-crop S (the torch backend's ``eval_mode``). The backbone runs in eval mode
+the learning rate is not rescaled. Validation views: resize to S/0.875 and centre-crop S (the torch
+backend's ``eval_mode``), normalisation only. The backbone runs in eval mode
 under ``no_grad``: only the heads train. Under torchrun the heads are DDP-wrapped, their BatchNorm is
 synchronised on GPUs (so per-GPU batches of 32 do not make the statistics noisier than the protocol's
 256), and the validation counts are summed over ranks. The heads checkpoint to ``out_dir/linear_last.pt`` after
@@ -22,9 +28,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
+from collections import OrderedDict
 
 import torch
 import torchvision
@@ -35,39 +43,60 @@ import pipelines
 from maskco import checkpoint, dist
 from maskco.evaluate.features import (POOLINGS, PROTOCOLS, MultiLayerFeatures, check_labels, images_and_labels,
                                       source_classes)
+from maskco.evaluate.linear_augment import COLOR_JITTER, LIGHTING_STD, TrainAugment
 from maskco.export import ARCHS, load_backbone
 from maskco.model import unwrap
 from maskco.runlog import RunLog, git_revision
 
-FORMAT = "maskco-linear-v1"
+FORMAT = "maskco-linear-v2"  # v1: BatchNorm1d over the flattened features (before OpenSelfSup's BatchNorm2d)
 LAST = "linear_last.pt"
-PROTOCOL_DEFAULTS = {
-    "multilayer": {"epochs": 90, "lr": 0.1, "weight_decay": 1e-4, "milestones": [30, 60]},  # [paper]
-    "lastlayer": {"epochs": 100, "lr": 30.0, "weight_decay": 0.0, "milestones": [60, 80]},  # MoCo
+PROTOCOL_DEFAULTS = {  # multilayer: lr and milestones [paper], the rest OpenSelfSup's r50_multihead.py; lastlayer: MoCo
+    "multilayer": {"epochs": 90, "lr": 0.1, "weight_decay": 1e-4, "milestones": [30, 60], "nesterov": True,
+                   "color_jitter": True, "lighting": True},
+    "lastlayer": {"epochs": 100, "lr": 30.0, "weight_decay": 0.0, "milestones": [60, 80], "nesterov": False,
+                  "color_jitter": False, "lighting": False},
 }
 
 
 class LinearHeads(nn.Module):
-    """One classifier per stage: ``{stage: [N, D_stage]}`` -> ``{stage: [N, num_classes]}`` logits.
+    """One classifier per stage: ``{stage: [N, *shape]}`` -> ``{stage: [N, num_classes]}`` logits.
 
-    batchnorm: put ``BatchNorm1d(affine=False)`` before each Linear (the multi-layer protocol), which
-    makes one learning rate fit features of very different scales. Weights start at N(0, 0.01), biases
-    at 0, as in MoCo's linear classifier.
+    shapes: per-image feature shape per stage, (C, g, g) pooled maps or (C,) vectors (``features.shapes``).
+    batchnorm (the multi-layer protocol, OpenSelfSup's MultiClsHead): ``norm`` = BatchNorm2d(C,
+    affine=False, momentum=0.1) on the pooled map - statistics per channel over the batch and the g x g
+    positions - then ``flatten`` (C, g, g order) and ``fc``. It makes one learning rate fit features of
+    very different scales. Without it (lastlayer) the Linear takes the feature as it is. Weights start at
+    N(0, 0.01), biases at 0 (MultiClsHead.init_weights; MoCo's main_lincls does the same).
     """
 
-    def __init__(self, dims: dict[str, int], num_classes: int, batchnorm: bool = True):
+    def __init__(self, shapes: dict[str, tuple[int, ...]], num_classes: int, batchnorm: bool = True):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
         self.heads = nn.ModuleDict()
-        for stage, dim in dims.items():
-            linear = nn.Linear(dim, num_classes)
+        for stage, shape in shapes.items():
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+            linear = nn.Linear(math.prod(shape), num_classes)
             nn.init.normal_(linear.weight, std=0.01)
             nn.init.zeros_(linear.bias)
-            self.heads[stage] = nn.Sequential(nn.BatchNorm1d(dim, affine=False), linear) if batchnorm else linear
+            if batchnorm:
+                norm = (nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d)(shape[0], momentum=0.1, affine=False)
+                self.heads[stage] = nn.Sequential(OrderedDict(norm=norm, flatten=nn.Flatten(), fc=linear))
+            else:
+                self.heads[stage] = nn.Sequential(nn.Flatten(), linear) if len(shape) > 1 else linear
 
     def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {stage: head(features[stage]) for stage, head in self.heads.items()}
+
+
+def make_optimizer(heads: nn.Module, lr: float, momentum: float, weight_decay: float,
+                   nesterov: bool) -> torch.optim.SGD:
+    """SGD over every parameter of ``heads``, all decayed: the Linear weights and biases. The norms have no
+    parameters (affine=False), so OpenSelfSup's ``norm_decay_mult=0`` has nothing to act on."""
+    if nesterov and momentum <= 0:
+        raise ValueError(f"Nesterov momentum needs momentum > 0, got {momentum} (or pass --no-nesterov)")
+    return torch.optim.SGD(heads.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           nesterov=nesterov)
 
 
 def step_lr(epoch: int, lr: float, milestones) -> float:
@@ -84,8 +113,10 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch
 
 def train_epoch(features: MultiLayerFeatures, heads: nn.Module, loader, optimizer: torch.optim.Optimizer,
                 device: torch.device, num_classes: int | None = None, log_every: int = 0,
-                on_log=None) -> dict[str, float]:
+                on_log=None, augment=None) -> dict[str, float]:
     """One pass over ``loader``; returns the mean loss per stage (over steps and ranks). Only ``heads`` train.
+
+    augment: uint8 views -> normalised inputs for training (``TrainAugment``); None: normalisation only.
 
     Every ``log_every`` steps (0: never) ``on_log({"step", "img_per_s", "loss_<stage>"...})`` is called;
     only those steps read the losses back from the device.
@@ -98,7 +129,7 @@ def train_epoch(features: MultiLayerFeatures, heads: nn.Module, loader, optimize
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         if step == 0:
             check_labels(labels, num_classes, "train")
-        logits = heads(features(images))  # {stage: [N, num_classes]}
+        logits = heads(features(images, augment))  # {stage: [N, num_classes]}
         losses = torch.stack([F.cross_entropy(value, labels) for value in logits.values()])  # [stages]
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
@@ -163,6 +194,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, help="default: 0.1 (multilayer) / 30 (lastlayer)")
     parser.add_argument("--milestones", type=int, nargs="*", help="epochs where lr /= 10; default 30 60 / 60 80")
     parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--nesterov", action=argparse.BooleanOptionalAction,
+                        help="Nesterov momentum; default: on (multilayer, OpenSelfSup) / off (lastlayer, MoCo)")
+    parser.add_argument("--color-jitter", action=argparse.BooleanOptionalAction,
+                        help="ColorJitter(0.4, 0.4, 0.4, hue 0) on the training views; default: on / off")
+    parser.add_argument("--lighting", action=argparse.BooleanOptionalAction,
+                        help="PCA lighting noise (alphastd 0.1) on the training views; default: on / off "
+                             "(--no-lighting for grey images, which it would tint)")
     parser.add_argument("--weight-decay", type=float, help="default: 1e-4 (multilayer) / 0 (lastlayer)")
     parser.add_argument("--batch-size", type=int, default=256, help="global batch over all ranks")
     parser.add_argument("--image-size", type=int, default=224)
@@ -185,6 +223,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "image_size", "eval_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.nesterov and args.momentum <= 0:
+        parser.error("--nesterov needs --momentum > 0 (or pass --no-nesterov)")
     return args
 
 
@@ -202,20 +242,24 @@ def class_count(args: argparse.Namespace) -> int:
     return found if found is not None else args.num_classes
 
 
-def resume_state(path: str, num_classes: int, dims: dict[str, int], protocol: str) -> dict:
-    """Load a heads checkpoint and refuse one trained for other classes, stages or feature sizes."""
+def resume_state(path: str, num_classes: int, shapes: dict[str, list[int]], protocol: str) -> dict:
+    """Load a heads checkpoint and refuse one trained for other classes, stages or feature shapes."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated or foreign file
         raise ValueError(f"linear checkpoint {path} is unreadable: {error}") from None
+    if isinstance(state, dict) and state.get("format") == "maskco-linear-v1":
+        raise ValueError(f"linear checkpoint {path} has the old heads (BatchNorm1d over flattened features, "
+                         "before OpenSelfSup's per-channel BatchNorm2d); use another --out-dir or --resume none")
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{path} is not a linear-evaluation checkpoint (no format {FORMAT!r})")
     if state["num_classes"] != num_classes:
         raise ValueError(f"linear checkpoint {path} has heads for {state['num_classes']} classes, but the "
                          f"train split has {num_classes}; use another --out-dir or --resume none")
-    if state["protocol"] != protocol or state["dims"] != dims:
-        raise ValueError(f"linear checkpoint {path} is for protocol {state['protocol']} with feature sizes "
-                         f"{state['dims']}, this run is {protocol} with {dims}; use another --out-dir or --resume none")
+    if state["protocol"] != protocol or state["shapes"] != shapes:
+        raise ValueError(f"linear checkpoint {path} is for protocol {state['protocol']} with feature shapes "
+                         f"{state['shapes']}, this run is {protocol} with {shapes}; use another --out-dir or "
+                         "--resume none")
     return state
 
 
@@ -250,13 +294,18 @@ def main(argv: list[str] | None = None) -> dict:
     features = MultiLayerFeatures(backbone.to(device), args.protocol, args.pooling, precision)
     if device.type == "cuda":
         features.backbone.to(memory_format=torch.channels_last)
+    shapes = {stage: list(shape) for stage, shape in features.shapes(args.image_size).items()}
     dims = features.dims(args.image_size)
-    heads = LinearHeads(dims, num_classes, batchnorm=args.protocol == "multilayer").to(device)
+    heads = LinearHeads(shapes, num_classes, batchnorm=args.protocol == "multilayer").to(device)
     if dist.is_distributed() and device.type == "cuda":  # torch's SyncBatchNorm runs on GPUs only
         heads = nn.SyncBatchNorm.convert_sync_batchnorm(heads)
     if dist.is_distributed():
         heads = nn.parallel.DistributedDataParallel(heads, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = torch.optim.SGD(heads.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    optimizer = make_optimizer(heads, args.lr, args.momentum, args.weight_decay, args.nesterov)
+    augment = None  # photometric part of the training views, on the device (the loader cropped and flipped)
+    if args.color_jitter or args.lighting:
+        augment = TrainAugment(device, COLOR_JITTER if args.color_jitter else None,
+                               LIGHTING_STD if args.lighting else 0.0, args.seed, info.rank)
 
     # ---- resume, then train
     last = os.path.join(args.out_dir, LAST)
@@ -264,7 +313,7 @@ def main(argv: list[str] | None = None) -> dict:
         None if args.resume == "none" else args.resume)
     start = 0
     if resume:
-        state = resume_state(resume, num_classes, dims, args.protocol)
+        state = resume_state(resume, num_classes, shapes, args.protocol)
         unwrap(heads).load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"]
@@ -277,9 +326,11 @@ def main(argv: list[str] | None = None) -> dict:
         for group in optimizer.param_groups:
             group["lr"] = lr
         train_loader.set_epoch(epoch)
+        if augment is not None:
+            augment.set_epoch(epoch)
         began = time.time()
         losses = train_epoch(features, heads, train_loader, optimizer, device, num_classes, args.log_every,
-                             lambda record: log.write({"epoch": epoch + 1, **record}))
+                             lambda record: log.write({"epoch": epoch + 1, **record}), augment)
         record = {"epoch": epoch + 1, "lr": lr, "seconds": round(time.time() - began, 1),
                   **{f"loss_{stage}": value for stage, value in losses.items()}}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
@@ -287,7 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
             record.update(flat_accuracies(result))
         log.write(record)
         if info.rank == 0:
-            checkpoint.save_atomic({"format": FORMAT, "epoch": epoch + 1, "protocol": args.protocol, "dims": dims,
+            checkpoint.save_atomic({"format": FORMAT, "epoch": epoch + 1, "protocol": args.protocol, "shapes": shapes,
                                     "num_classes": num_classes, "heads": unwrap(heads).state_dict(),
                                     "optimizer": optimizer.state_dict(), "args": vars(args)}, last)
     if not result:  # resumed after the last epoch: validate the finished heads once more
