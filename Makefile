@@ -2,6 +2,7 @@
 #   make pretrain                      CPU demo on the built-in sample data (or one GPU if present)
 #   make pretrain GPUS=8 DATA=/imagenet/train CONFIG=r50_imagenet_200ep BACKEND=dali
 #   make test | make bench | make show | make ffcv DATA=/imagenet OUT=/betons | make linear CKPT=...
+#   make quality [ARGS="--preset gpu --variants maskco,mocov2,maskco_no_mph"]   MaskCo vs MoCo v2 vs random init on Fashion-MNIST
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -36,7 +37,7 @@ endif
 MULTI := $(filter-out 0 1,$(GPUS))$(filter-out 1,$(NODES))
 LAUNCH := $(if $(MULTI),$(VENV)/bin/torchrun --nproc_per_node=$(GPUS) $(RDZV),$(PY))
 
-.PHONY: venv pretrain test bench show ffcv linear export sample clean-venv
+.PHONY: venv pretrain test bench show ffcv linear export sample quality clean-venv
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -75,6 +76,9 @@ linear: $(VENV)/.installed
 export: $(VENV)/.installed
 	@test -n "$(CKPT)" -a -n "$(OUT)" || { echo "usage: make export CKPT=checkpoint OUT=dir"; exit 2; }
 	$(PY) -m maskco.export $(CKPT) --out-dir $(OUT)
+
+quality: $(VENV)/.installed
+	$(LAUNCH) -m maskco.quality $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

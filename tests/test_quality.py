@@ -1,0 +1,95 @@
+"""make quality end to end on a tiny synthetic Fashion-MNIST: every row and the figure; no accuracy asserted."""
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from maskco import quality
+from pipelines import fmnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--arch=resnet18", "--image_size=64", "--batch_size=8", "--epochs=2", "--mph_width=64", "--mph_heads=2",
+        "--head_hidden=128", "--head_dim=32", "--num_negatives=4", "--workers=0", "--log_every=1"]
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    """An IDX file as the Fashion-MNIST release writes it: magic (0, 0, 0x08, ndim), big-endian dims, bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def fake_fmnist(tmp_path_factory) -> str:
+    """60 train and 30 test 28 x 28 images: a bright square whose position and size depend on the class."""
+    folder = tmp_path_factory.mktemp("fmnist")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 60), ("t10k", 30)):
+        labels = np.arange(count) % 10
+        images = rng.integers(0, 40, size=(count, 28, 28))
+        for image, label in zip(images, labels):
+            image[2 + label: 12 + label, 4 + label: 14 + 2 * (label % 3)] = 220
+        write_idx(str(folder / fmnist.FILES[split][0]), images)
+        write_idx(str(folder / fmnist.FILES[split][1]), labels)
+    return str(folder)
+
+
+def test_idx_reader_round_trips(tmp_path):
+    array = np.arange(2 * 3 * 4).reshape(2, 3, 4)
+    write_idx(str(tmp_path / "x.gz"), array)
+    assert np.array_equal(fmnist.read_idx(str(tmp_path / "x.gz")), array)
+
+
+def test_splits_are_deterministic_disjoint_and_reused(tmp_path, fake_fmnist):
+    folders = fmnist.write_splits(str(tmp_path / "a"), fake_fmnist, pretrain=20, train=20, test=10)
+    names = {split: sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs)
+             for split, folder in folders.items()}
+    assert len(names["pretrain"]) == 20 and len(names["test"]) == 10
+    assert sorted(os.listdir(folders["train"])) == list(fmnist.CLASSES)  # 2 per class, labels in order
+    assert {os.path.basename(n) for n in names["pretrain"]}.isdisjoint(os.path.basename(n) for n in names["train"])
+    again = fmnist.write_splits(str(tmp_path / "b"), fake_fmnist, pretrain=20, train=20, test=10)
+    for split in folders:
+        for name in names[split]:
+            with open(os.path.join(folders[split], name), "rb") as a, open(os.path.join(again[split], name), "rb") as b:
+                assert a.read() == b.read()
+    marker = os.path.join(tmp_path, "a", fmnist.MARKER)
+    stamp = os.stat(marker).st_mtime_ns
+    fmnist.write_splits(str(tmp_path / "a"), fake_fmnist, pretrain=20, train=20, test=10)
+    assert os.stat(marker).st_mtime_ns == stamp  # reused, not rewritten
+
+
+def test_missing_package_is_one_line_exit_2(tmp_path):
+    command = [sys.executable, "-m", "maskco.quality", f"--fmnist-dir={tmp_path / 'none'}",
+               f"--data-dir={tmp_path / 'data'}", f"--out-dir={tmp_path / 'out'}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert fmnist.INSTALL in result.stderr
+
+
+def test_quality_writes_every_row_and_the_figure(tmp_path, fake_fmnist):
+    out_dir = tmp_path / "out"
+    code = quality.main([f"--fmnist-dir={fake_fmnist}", f"--data-dir={tmp_path / 'data'}", f"--out-dir={out_dir}",
+                         "--pretrain-images=16", "--train-images=20", "--test-images=10", "--linear-epochs=1",
+                         "--linear-batch=10", "--queue=16", *TINY])
+    assert code == 0
+    with open(out_dir / quality.RESULTS, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle]
+    assert rows[0]["settings"] and rows[0]["budget_steps"] == 4  # 2 epochs x 16 images / 8
+    assert [row["method"] for row in rows[1:]] == ["random_init", "maskco", "mocov2", "maskco_half_pixel"]
+    for row in rows[1:]:
+        keys = ["knn_top1", "linear_last_res5", *[f"linear_multi_{s}" for s in ("conv1", "res2", "res3", "res4", "res5")]]
+        assert all(0 <= row[key] <= 100 for key in keys), row
+    for row in rows[2:]:
+        assert row["steps"] == 4 and [step for step, _ in row["knn_curve"]] == [2, 4]
+    assert rows[3]["label"].startswith("MoCo v2-like") and "queue_size=16" in rows[3]["label"]
+    assert "half_pixel" in rows[4]["label"]
+    with open(out_dir / quality.FIGURE, "rb") as handle:
+        assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
