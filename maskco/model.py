@@ -26,6 +26,33 @@ from maskco import dist, roi
 
 ARCHS = tuple(name for name in torchvision.models.resnet.__all__ if name[0].islower())  # resnet18 ... wide_resnet101_2
 MPH_KINDS = ("attn", "conv", "none")
+ROI_CENTERINGS = ("receptive", "half_pixel")
+
+
+def cell_centre(stride: int, centering: str) -> float:
+    """Where feature cell 0 looks, in continuous view pixels (pixel p spans [p, p + 1)); cell j: ``stride * j`` more.
+
+    ``receptive`` (0.5, the centre of pixel 0): every stride-2 layer of a torchvision ResNet (7x7 conv pad 3,
+    3x3 max-pool pad 1, 3x3 conv pad 1, 1x1 downsample) centres output i on input 2i, so C5 cell j's receptive
+    field is centred on pixel ``stride * j``; dilation keeps this (tests/test_alignment.py measures it).
+    ``half_pixel`` (``stride / 2``): torchvision's ``roi_align(aligned=True)`` reading, cell j centred at
+    ``stride * (j + 0.5)``; with a ResNet it pools ``stride / 2 - 0.5`` px up-left of every box, which a flip
+    turns the other way in the source image. Kept for ablation.
+    """
+    if centering not in ROI_CENTERINGS:
+        raise ValueError(f"roi_centering must be one of {ROI_CENTERINGS}, got {centering!r}")
+    return 0.5 if centering == "receptive" else stride / 2
+
+
+def feature_boxes(boxes: torch.Tensor, stride: int, centre: float) -> torch.Tensor:
+    """View-pixel boxes ``[N, L, 4]`` -> the boxes to hand ``roi_align(aligned=True, 1 / stride)``, ``[N, L, 4]``.
+
+    ``aligned=True`` samples feature coordinate ``x / stride - 0.5``; shifting x and y by ``stride / 2 - centre``
+    makes that ``(x - centre) / stride``, so the RoI's samples sit on the cells whose receptive fields are centred
+    on the box (``centre`` from :func:`cell_centre`).
+    """
+    shift = stride / 2 - centre
+    return boxes + shift if shift else boxes  # [N, L, 4]
 
 
 def sine_position_embedding(height: int, width: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -97,6 +124,8 @@ class Encoder(nn.Module):
     ``boxes=None`` global-average-pools instead (L = 1): the ``mocov2`` baseline on the same network.
     ``dilated`` turns layer4's stride into dilation (stride 16); the weights keep torchvision's shapes.
     ``roi_fused`` picks ``roi.roi_pool`` (separable matmul, DESIGN 4.5) over the torchvision reference.
+    ``roi_centering`` sets ``cell_centre``, where cell 0 looks in view pixels (see :func:`cell_centre`):
+    ``receptive`` centres each RoI on its box through the trunk; ``half_pixel`` is the old mapping (ablation).
     """
 
     def __init__(self, arch: str = "resnet50", dilated: bool = False, mph: str = "attn", mph_width: int = 512,
@@ -112,6 +141,8 @@ class Encoder(nn.Module):
                             ("head_dim", head_dim), ("roi_output_size", roi_output_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        self.stride = 16 if dilated else 32
+        self.cell_centre = cell_centre(self.stride, roi_centering)  # also validates roi_centering
         try:
             self.backbone = getattr(torchvision.models, arch)(
                 weights=None, replace_stride_with_dilation=[False, False, dilated])
@@ -119,7 +150,6 @@ class Encoder(nn.Module):
             raise ValueError(f"dilated=True needs a Bottleneck arch (resnet50 and up), got arch={arch!r}") from error
         self.channels = self.backbone.fc.in_features  # C5 width: 512 (resnet18/34), 2048 (resnet50)
         self.backbone.fc = nn.Identity()  # keeps the state dict torchvision-shaped minus fc
-        self.stride = 16 if dilated else 32
         if mph == "attn":
             self.mph = AttentionMPH(self.channels, mph_width, mph_layers, mph_heads)
         elif mph == "conv":
@@ -131,7 +161,7 @@ class Encoder(nn.Module):
         self.roi_output_size = roi_output_size
         self.roi_sampling_ratio = roi_sampling_ratio
         self.roi_fused = roi_fused
-        self.roi_centering = roi_centering
+        self.roi_centering = roi_centering  # read once, into cell_centre above
 
     def forward(self, x: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
         return self.embed(self.features(x), boxes)  # [N, L, head_dim]
@@ -148,15 +178,19 @@ class Encoder(nn.Module):
         """Trunk then MPH: ``[N, 3, S, S]`` -> ``[N, C, S/stride, S/stride]``."""
         return self.mph(self.trunk(x))
 
+    def pool(self, features: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """``[N, C, H, W]`` (+ boxes ``[N, L, 4]`` view pixels) -> region means ``[N, L, C]``; no boxes: ``L = 1``."""
+        if boxes is None:
+            return features.mean((2, 3))[:, None]  # [N, 1, C]
+        pool = roi.roi_pool if self.roi_fused else roi.roi_pool_reference
+        boxes = feature_boxes(boxes, self.stride, self.cell_centre)  # [N, L, 4]
+        # shapes are still checked; the value checks would read the boxes on the host (a sync per step)
+        return pool(features, boxes, 1.0 / self.stride, self.roi_sampling_ratio, aligned=True,
+                    output_size=self.roi_output_size, validate_boxes=False)  # [N, L, C]
+
     def embed(self, features: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
         """``[N, C, H, W]`` (+ boxes ``[N, L, 4]`` view pixels) -> ``[N, L, head_dim]`` L2-normalised, fp32."""
-        if boxes is None:
-            pooled = features.mean((2, 3))[:, None]  # [N, 1, C]
-        else:
-            pool = roi.roi_pool if self.roi_fused else roi.roi_pool_reference
-            # shapes are still checked; the value checks would read the boxes on the host (a sync per step)
-            pooled = pool(features, boxes, 1.0 / self.stride, self.roi_sampling_ratio, aligned=True,
-                          output_size=self.roi_output_size, validate_boxes=False)  # [N, L, C]
+        pooled = self.pool(features, boxes)  # [N, L, C]
         # normalise in fp32: the logits are fp32 (DESIGN 4.6) and bf16 unit vectors would cost ~3 digits
         return F.normalize(self.head(pooled).float(), dim=-1)  # [N, L, head_dim]
 

@@ -149,6 +149,19 @@ def test_roi_fused_matches_reference():
     torch.testing.assert_close(grad_f, grad_r, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("dilated, stride", [(False, 32), (True, 16)])
+def test_a_point_box_on_a_cells_receptive_centre_pools_that_cell(dilated, stride):
+    """Cell (row i, column j) is centred on pixel (stride * j, stride * i), at + 0.5 in continuous coordinates
+    (tests/test_alignment.py measures it): a point box there pools exactly that cell by default, while
+    ``half_pixel`` reads the point as stride / 2 - 0.5 px further up-left, between cells."""
+    features = (torch.arange(4.0)[None, :] + 10 * torch.arange(4.0)[:, None]).expand(1, 2048, 4, 4)  # x + 10 y
+    point = torch.tensor([[[2 * stride + 0.5, stride + 0.5] * 2]])  # [1, 1, 4]: zero-size box on cell (1, 2)
+    for centering, expected in (("receptive", 2 + 10 * 1), ("half_pixel", 1.5 + 10 * 0.5 + 11 * 0.5 / stride)):
+        encoder = model.Encoder("resnet50", dilated=dilated, mph="none", roi_centering=centering)
+        assert encoder.cell_centre == (0.5 if centering == "receptive" else stride / 2)
+        torch.testing.assert_close(encoder.pool(features, point), torch.full((1, 1, 2048), float(expected)))
+
+
 def test_key_features_without_a_group_is_the_plain_forward():
     encoder = small_encoder().eval()
     x = torch.randn(2, 3, 32, 32)
@@ -189,7 +202,8 @@ def test_dilated_resnet50_is_stride_16_with_torchvision_weights():
 
 def test_bad_arguments_raise_value_errors_naming_them():
     for kwargs, name in (({"arch": "vgg16"}, "arch"), ({"mph": "mlp"}, "mph"), ({"mph_heads": 5}, "mph_width"),
-                         ({"dilated": True}, "dilated"), ({"head_dim": 0}, "head_dim")):
+                         ({"dilated": True}, "dilated"), ({"head_dim": 0}, "head_dim"),
+                         ({"roi_centering": "centre"}, "roi_centering")):
         with pytest.raises(ValueError, match=name):
             small_encoder(**kwargs)
     with pytest.raises(ValueError, match="x must be"):
