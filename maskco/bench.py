@@ -101,7 +101,7 @@ def step_figures(cfg, device, steps: int, repeats: int) -> list[dict]:
 def method_overhead(cfg, batch, encoder, device):
     """What MaskCo adds to a MoCo v2 step, alone: box sampling, masking, RoI pooling of the query and
     key boxes (forward + backward) and the logits + loss (forward + backward), at the run's shapes."""
-    from maskco import augment, boxes, loss, roi
+    from maskco import augment, boxes, loss
 
     n, side = cfg.batch_size, cfg.image_size // encoder.stride
     generator = torch.Generator(device=device).manual_seed(0)
@@ -109,16 +109,14 @@ def method_overhead(cfg, batch, encoder, device):
     features_q = torch.randn(n, encoder.channels, side, side, device=device, requires_grad=True)
     features_k = torch.randn(n, encoder.channels, side, side, device=device)
     embedded = torch.randn(n, 2 + cfg.num_negatives, cfg.head_dim, device=device, requires_grad=True)
-    scale = 1.0 / encoder.stride
 
     def run():
         sample = boxes.sample_boxes(batch.crop_q, batch.crop_k, cfg.image_size, cfg.num_negatives, generator,
                                     min_size=cfg.box_min_size, check_values=False)
         augment.mask_boxes(x, sample.masked, cfg.mask_mode, generator)
-        pooled_q = roi.roi_pool(features_q, sample.masked[:, None], scale, cfg.roi_sampling_ratio,
-                                validate_boxes=False)  # [N, 1, C]
+        pooled_q = encoder.pool(features_q, sample.masked[:, None])  # [N, 1, C]: the trainer's box mapping + pool
         with torch.no_grad():
-            roi.roi_pool(features_k, sample.keys, scale, cfg.roi_sampling_ratio, validate_boxes=False)  # [N, 1+M, C]
+            encoder.pool(features_k, sample.keys)  # [N, 1+M, C]
         q = torch.nn.functional.normalize(embedded[:, 0], dim=-1)  # [N, D]
         k = torch.nn.functional.normalize(embedded[:, 1:], dim=-1).detach()  # [N, 1+M, D]
         value = loss.contrastive_loss(q, k, sample.valid, cfg.temperature) + pooled_q.float().sum() * 0
