@@ -21,9 +21,7 @@ from maskco.model import unwrap
 from test_train import ROOT, TINY, losses, records
 
 WORLD_SIZE = 2
-SMALL = ["--arch=resnet18", "--image_size=64", "--batch_size=4", "--box_min_size=8", "--mph_width=64",
-         "--mph_heads=2", "--head_hidden=128", "--head_dim=32", "--num_negatives=4", "--epochs=2",
-         "--warmup_epochs=0.5", "--queue_size=64", "--device=cpu"]
+SMALL = [*TINY, "--queue_size=64", "--device=cpu"]  # the trainer tests' tiny model, with a queue
 
 
 def _snapshot(run) -> dict:
