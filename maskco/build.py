@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 
 from maskco import dist
-from maskco.config import Config, ConfigError
+from maskco.config import Config, ConfigError, global_batch, peak_lr
 from maskco.loss import KeyQueue
 from maskco.method import MethodSpec
 from maskco.model import Encoder, build_key_encoder, param_groups
@@ -113,8 +113,6 @@ def build_queue(cfg: Config, device: torch.device) -> Optional[KeyQueue]:
 
 def build_run(cfg: Config, info: dist.DistInfo, steps_per_epoch: int) -> Run:
     """Encoders (DDP-wrapped query under a process group), optimiser, scaler, queue and schedule numbers."""
-    from maskco.config import global_batch, peak_lr
-
     device = info.device
     encoder_q, encoder_k = build_encoders(cfg, device, dist.is_distributed())
     optimizer = build_optimizer(cfg, encoder_q, device)

@@ -250,6 +250,8 @@ def method_label(cfg: Config) -> str:
     """What a run is, for tables and figures: "MoCo v2" only for the faithful baseline (``MOCOV2``);
     anything else names how it differs, e.g. "MoCo v2-like (queue_size=4096)"."""
     if cfg.method == "mocov2":
+        # the warm-up length is not named: it is sized to the run (a preset's short run needs one) and
+        # changes the schedule's first steps, not which method the run is
         changed = [f"{key}={_plain(getattr(cfg, key))}" for key, value in MOCOV2.items()
                    if getattr(cfg, key) != value and key != "warmup_epochs"]
         return f"MoCo v2-like ({', '.join(changed)})" if changed else "MoCo v2"
