@@ -16,6 +16,7 @@ NODE_RANK ?= 0
 MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 RDZV_ENDPOINT ?=
+RESTARTS ?= 0
 CONFIG ?= $(if $(filter 0 1,$(GPUS)),cpu_demo,r50_imagenet_200ep)
 DATA ?=
 BACKEND ?= torch
@@ -35,7 +36,9 @@ else
 RDZV := --nnodes=$(NODES) --rdzv_backend=c10d --rdzv_endpoint=$(RDZV_ENDPOINT) --rdzv_id=maskco
 endif
 MULTI := $(filter-out 0 1,$(GPUS))$(filter-out 1,$(NODES))
-LAUNCH := $(if $(MULTI),$(VENV)/bin/torchrun --nproc_per_node=$(GPUS) $(RDZV),$(PY))
+# RESTARTS: torchrun relaunches every worker after one dies, up to N times; each relaunch resumes from
+# the last checkpoint (multi-GPU / multi-node runs only)
+LAUNCH := $(if $(MULTI),$(VENV)/bin/torchrun --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS) $(RDZV),$(PY))
 
 .PHONY: venv pretrain test bench show ffcv linear export sample quality clean-venv
 

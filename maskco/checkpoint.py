@@ -1,14 +1,33 @@
-"""Checkpoints: plain data, written atomically, loaded with ``weights_only=True``.
+"""Checkpoints: plain data, written atomically, verified on load, the last few kept.
 
 A checkpoint is ``{"format", "config" (dict), "git", "epoch", "step", "encoder_q", "encoder_k",
-"optimizer", "scaler", "queue", "rng"}``. ``epoch``/``step`` say where to continue: ``step`` steps
-are done in total, of which ``step - epoch * steps_per_epoch`` in ``epoch``.
+"optimizer", "scaler", "queue", "rng", "data", "batch_size", "world_size", "skipped_images"}``.
+``epoch``/``step`` say where to continue: ``step`` steps are done in total, of which
+``step - epoch * steps_per_epoch`` in ``epoch``.
+
+In a run's ``out_dir`` (:class:`Store`):
+
+- ``checkpoint_step00000120.pt``: one file per save, written to ``.tmp-*`` then renamed, so a
+  reader sees a whole file or none (also when the process is killed mid-write);
+- ``checkpoint_last.pt``: the newest of them (a hard link: no extra space), the name other tools take;
+- ``checkpoints.json``: the kept files, newest first, with their size and SHA-256. Resuming verifies
+  the newest against it and falls back to the previous one, with a warning, if it is damaged.
+
+Only the last ``keep`` files stay. Temporary files left by a killed writer are removed when a run
+starts. Files get the permissions of the process umask (like any file the user creates), not
+``tempfile``'s private 0600.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
 import os
 import random
+import re
+import shutil
 import tempfile
+from typing import Callable, Optional
 
 import numpy
 import torch
@@ -17,39 +36,113 @@ from maskco.config import ARCHITECTURE_KEYS
 
 FORMAT = "maskco-checkpoint-v1"
 LAST = "checkpoint_last.pt"
+MANIFEST = "checkpoints.json"
+TMP_PREFIX = ".tmp-"
+STEP_FILE = re.compile(r"^checkpoint_step(\d+)\.pt$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or from an incompatible run; the message names the file."""
 
 
-def atomic_write(path: str, write) -> None:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()  # read once at import: os.umask can only be read by setting it
+
+
+class _HashingWriter:
+    """A binary stream that hashes and counts what passes through it (torch.save writes into it)."""
+
+    def __init__(self, stream):
+        self.stream, self.hash, self.size = stream, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        return self.stream.write(data)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def atomic_write(path: str, write: Callable, expected_bytes: int = 0) -> tuple[str, int]:
     """Call ``write(stream)`` on a temporary file in the same folder, fsync, then os.replace: a reader
-    sees the old file or the new one, never a half-written one (also when the process dies)."""
+    sees the old file or the new one, never a half-written one (also when the process dies).
+
+    Returns (sha256 hex digest, size) of what was written. A full disk is a :class:`CheckpointError`
+    naming the path, the space needed (``expected_bytes`` when the writer died early) and the space free.
+    """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
+    handle, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
     try:
-        with os.fdopen(handle, "wb") as stream:
+        with os.fdopen(handle, "wb") as raw:
+            stream = _HashingWriter(raw)
             write(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
-    except BaseException:
+        return stream.hash.hexdigest(), stream.size
+    except BaseException as error:
+        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, Exception) and _out_of_space(error, folder, max(expected_bytes, written)):
+            free = shutil.disk_usage(folder).free
+            raise CheckpointError(
+                f"no space left on the device to write {path}: it needs about {_mib(max(expected_bytes, written))} "
+                f"and {_mib(free)} is free in {folder}; the previous checkpoint is kept") from None
         raise
 
 
-def save_atomic(obj, path: str) -> None:
-    """torch.save ``obj`` to ``path`` atomically (see :func:`atomic_write`)."""
-    atomic_write(path, lambda stream: torch.save(obj, stream))
+def _out_of_space(error: BaseException, folder: str, needed: int) -> bool:
+    """ENOSPC anywhere in the chain, or torch's zip writer failing with less room left than the file needs."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(error, RuntimeError) and ("file write failed" in str(error) or "unexpected pos" in str(error)):
+            return shutil.disk_usage(folder).free < max(needed, 1 << 20)
+        error = error.__cause__ or error.__context__
+    return False
 
 
-def load(path: str) -> dict:
-    """Load a checkpoint written by :func:`save_atomic`, with a clear error for every failure."""
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.1f} MiB"
+
+
+def state_bytes(obj) -> int:
+    """The bytes of every tensor in a (nested) state: about the size its file will have."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_bytes(v) for v in obj)
+    return 0
+
+
+def save_atomic(obj, path: str) -> tuple[str, int]:
+    """torch.save ``obj`` to ``path`` atomically (see :func:`atomic_write`) -> (sha256, size)."""
+    return atomic_write(path, lambda stream: torch.save(obj, stream), state_bytes(obj))
+
+
+def load(path: str, sha256: Optional[str] = None, verify: bool = True) -> dict:
+    """Load a checkpoint written by :func:`save_atomic`, with a clear error for every failure.
+
+    ``sha256``: the expected content hash (from the manifest); None looks it up in the manifest beside
+    the file, if there is one that lists it. ``verify=False``: no hash check (a file already verified).
+    """
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
+    expected = (sha256 or _manifest_hash(path)) if verify else None
+    if expected is not None and file_sha256(path) != expected:
+        raise CheckpointError(f"checkpoint {path} is damaged: its content does not match the SHA-256 recorded "
+                              f"in {MANIFEST} when it was written (truncated or overwritten)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated / foreign files
@@ -57,6 +150,118 @@ def load(path: str) -> dict:
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a MaskCo checkpoint (no format {FORMAT!r})")
     return state
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest(folder: str) -> list[dict]:
+    try:
+        with open(os.path.join(folder, MANIFEST), encoding="utf-8") as handle:
+            entries = json.load(handle)["checkpoints"]
+        return [e for e in entries if isinstance(e, dict) and {"file", "sha256", "step"} <= e.keys()]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _manifest_hash(path: str) -> Optional[str]:
+    folder, name = os.path.split(os.path.abspath(path))
+    entries = _read_manifest(folder)
+    if name == LAST and entries and os.path.exists(os.path.join(folder, entries[0]["file"])) and \
+            os.path.samefile(path, os.path.join(folder, entries[0]["file"])):
+        return entries[0]["sha256"]
+    return next((e["sha256"] for e in entries if e["file"] == name), None)
+
+
+class Store:
+    """The checkpoints of one run in ``folder``: save (keeping the last ``keep``), find the newest good one.
+
+    Only one process (rank 0) saves; every rank may read.
+    """
+
+    def __init__(self, folder: str, keep: int = 2):
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1, got {keep}")
+        self.folder, self.keep = folder, keep
+
+    @property
+    def last(self) -> str:
+        return os.path.join(self.folder, LAST)
+
+    def remove_stale(self) -> list[str]:
+        """Delete temporary files left by a writer that was killed (call before the first save)."""
+        if not os.path.isdir(self.folder):
+            return []
+        stale = [os.path.join(self.folder, n) for n in os.listdir(self.folder) if n.startswith(TMP_PREFIX)]
+        for path in stale:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        return stale
+
+    def save(self, state: dict, step: int) -> str:
+        """Write ``state`` as the newest checkpoint; drop all but the last ``keep``. -> its path."""
+        name = f"checkpoint_step{step:08d}.pt"
+        path = os.path.join(self.folder, name)
+        sha256, size = save_atomic(state, path)
+        self._link_last(path)
+        kept = [{"file": name, "step": step, "sha256": sha256, "bytes": size}]
+        kept += [e for e in _read_manifest(self.folder) if e["file"] != name][: self.keep - 1]
+        atomic_write(os.path.join(self.folder, MANIFEST),
+                     lambda stream: stream.write(json.dumps({"checkpoints": kept}, indent=1).encode()))
+        names = {e["file"] for e in kept}
+        for other in os.listdir(self.folder):
+            if STEP_FILE.match(other) and other not in names:
+                os.unlink(os.path.join(self.folder, other))
+        return path
+
+    def _link_last(self, path: str) -> None:
+        """``checkpoint_last.pt`` -> ``path``, atomically: a hard link where the filesystem has them, else a copy."""
+        tmp = os.path.join(self.folder, f"{TMP_PREFIX}last-{os.getpid()}")
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        try:
+            os.link(path, tmp)
+        except OSError:
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, self.last)
+
+    def candidates(self) -> list[tuple[str, Optional[str]]]:
+        """Checkpoint files to resume from, newest first, with their recorded hash (None: not recorded)."""
+        recorded = {e["file"]: e["sha256"] for e in _read_manifest(self.folder)}
+        found = []
+        if os.path.isdir(self.folder):
+            found = sorted((int(m.group(1)), m.group(0)) for m in map(STEP_FILE.match, os.listdir(self.folder)) if m)
+        paths = [(os.path.join(self.folder, name), recorded.get(name)) for _, name in reversed(found)]
+        if not paths and os.path.exists(self.last):  # a run from before step-named files
+            paths = [(self.last, None)]
+        return paths
+
+    def load_latest(self, warn: Callable[[str], None]) -> tuple[Optional[str], Optional[dict]]:
+        """The newest checkpoint that verifies and loads -> (path, state); (None, None) if there is none.
+
+        A damaged newer file is reported through ``warn`` and skipped; if every file is damaged, the
+        error of the newest is raised (nothing would be resumed, and starting over silently would lose the run).
+        """
+        errors = []
+        for path, sha256 in self.candidates():
+            try:
+                state = load(path, sha256) if sha256 else load(path)
+            except CheckpointError as error:
+                errors.append(error)
+                warn(f"{error}; trying the previous checkpoint")
+                continue
+            return path, state
+        if errors:
+            raise CheckpointError(f"no usable checkpoint in {self.folder}: {errors[0]} "
+                                  "(use --resume=none to start over)")
+        return None, None
 
 
 def check_compatible(state: dict, config: dict, path: str) -> None:
@@ -72,8 +277,9 @@ def check_compatible(state: dict, config: dict, path: str) -> None:
 
 
 def latest(out_dir: str) -> str | None:
-    path = os.path.join(out_dir, LAST)
-    return path if os.path.exists(path) else None
+    """The newest checkpoint file in ``out_dir`` (not verified: see :meth:`Store.load_latest`)."""
+    found = Store(out_dir).candidates()
+    return found[0][0] if found else None
 
 
 def rng_state() -> dict:

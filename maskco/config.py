@@ -103,6 +103,9 @@ class Config:
     resume: str = "auto"  # auto (latest checkpoint in out_dir, if any) | none | a checkpoint path
     log_every: int = 10  # steps between log lines (the only host syncs of the loop)
     ckpt_every: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
+    keep_checkpoints: int = 2  # checkpoint files kept in out_dir, newest first; a damaged newest one falls back to the next
+    dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks before the run fails (a hung or lost rank)
+    data_timeout: float = 600.0  # seconds to wait for one batch from a loader worker process (torch backend); 0: forever
     tensorboard: bool = False
     knn_every: int = 0  # kNN monitor every N epochs (0: off); needs knn_train and knn_val
     knn_train: str = ""  # labelled train split for the kNN monitor
@@ -174,6 +177,9 @@ def _check(cfg: Config) -> Config:
         (cfg.crop_scale[0] <= cfg.crop_scale[1], "crop_scale must be (min, max)"),
         (cfg.arch.startswith("resnet"), "arch must be a torchvision resnet (resnet18, resnet50, ...)"),
         (cfg.log_every >= 1, "log_every must be >= 1"),
+        (cfg.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+        (cfg.dist_timeout > 0, "dist_timeout must be > 0 (seconds)"),
+        (cfg.data_timeout >= 0, "data_timeout must be >= 0 (seconds; 0: wait forever)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -66,6 +66,21 @@ def get_world_size() -> int:
     return torch.distributed.get_world_size() if is_distributed() else 1
 
 
+_CPU_GROUP = None
+
+
+def cpu_group():
+    """A gloo group over every rank, for small host-side agreements that must not wait on the GPU or
+    interleave with the training collectives (the per-step stop flag); None without a process group.
+    Created on first use: every rank must call this at the same point."""
+    global _CPU_GROUP
+    if not is_distributed():
+        return None
+    if _CPU_GROUP is None:
+        _CPU_GROUP = torch.distributed.new_group(backend="gloo")
+    return _CPU_GROUP
+
+
 def shutdown(*objects_to_drop) -> None:
     """End the process group cleanly; a no-op without one.
 
@@ -78,9 +93,20 @@ def shutdown(*objects_to_drop) -> None:
     """
     del objects_to_drop
     gc.collect()
+    global _CPU_GROUP
     if is_distributed():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    _CPU_GROUP = None
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` (any picklable value) on every rank; ``obj`` itself without a group."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj]
+    torch.distributed.broadcast_object_list(holder, src)
+    return holder[0]
 
 
 @torch.no_grad()
@@ -116,11 +142,17 @@ def concat_all_gather(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over ranks (for logging): a new tensor under a process group, ``x`` itself without one."""
+    return all_reduce_sum(x) / get_world_size() if get_world_size() > 1 else x
+
+
+@torch.no_grad()
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` over ranks: a new tensor under a process group, ``x`` itself without one."""
     if get_world_size() == 1:
         return x
     total = x.clone()
     torch.distributed.all_reduce(total)  # SUM
-    return total / get_world_size()
+    return total
 
 
 def _take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

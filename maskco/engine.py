@@ -3,9 +3,14 @@
 Host syncs happen only on log steps (``loss.item()`` and friends); everything else is queued on the
 device. Randomness of the method (boxes, augmentation, mask noise, the shuffle-BN permutation) is a
 function of (seed, step, rank), so a resumed run draws exactly what the uninterrupted one drew.
+
+Stopping: SIGINT/SIGTERM set a flag (:class:`StopRequest`); the ranks agree on it every step
+(:class:`StopAgreement`) and stop together one step later, checkpointing that step. A non-finite
+loss at a log step raises :class:`Diverged` on every rank (the logged loss is the same on all).
 """
 from __future__ import annotations
 
+import math
 import signal
 import time
 from dataclasses import dataclass, field
@@ -24,12 +29,19 @@ class LoopState:
     epoch: int = 0
     step: int = 0
     stop_signal: int = 0  # the signal that asked us to stop (SIGTERM from SLURM, Ctrl-C), 0 if none
+    stop_asked_at: int = 0  # the step at which rank 0 (this process) received it
+    skipped_images: int = 0  # unreadable images replaced so far: all ranks, all restarts (as of the last log step)
     history: list = field(default_factory=list)  # (step, loss) of every log step, for tests and summaries
+
+
+class Diverged(RuntimeError):
+    """The loss (or the weights) stopped being finite: the run must end without saving them."""
 
 
 class StopRequest:
     """Turns SIGINT / SIGTERM into a flag checked between steps, so that a checkpoint is written at a
-    step boundary instead of the process dying mid-step."""
+    step boundary instead of the process dying mid-step. (Loader workers ignore both signals, see
+    ``pipelines.ignore_stop_signals``: a signal to the process group must reach only this decision.)"""
 
     def __init__(self):
         self.signal = 0
@@ -44,18 +56,78 @@ class StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal:  # a second Ctrl-C: give up at once
+        if self.signal and signum == signal.SIGINT:  # a second Ctrl-C: give up at once
             raise KeyboardInterrupt
-        self.signal = signum
+        self.signal = self.signal or signum
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
 
-def _any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is True on any rank (a collective: call it on every rank)."""
-    return dist.all_reduce_mean(torch.tensor(float(flag), device=device)).item() > 0
+class StopAgreement:
+    """Every rank stops at the same step: each step sends this rank's flag in a non-blocking all-reduce
+    and reads the previous step's result, so all ranks stop one step after any was asked to.
+
+    The all-reduce runs on a CPU (gloo) group of its own: it never waits on the GPU stream or on the
+    training collectives, and one float per step costs microseconds. Call it exactly once per step on
+    every rank. One process: the flag itself, at once.
+    """
+
+    def __init__(self):
+        self.group = dist.cpu_group()
+        self.flag = torch.zeros(1)
+        self.work = None
+
+    def __call__(self, asked: bool) -> bool:
+        if self.group is None:
+            return asked
+        if self.work is not None:
+            self.work.wait()  # sent a step ago: done by now
+            self.work = None
+            if self.flag.item() > 0:
+                return True
+        self.flag = torch.tensor([float(asked)])
+        self.work = torch.distributed.all_reduce(self.flag, group=self.group, async_op=True)
+        return False
+
+    def close(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+            self.work = None
+
+
+class LogWindow:
+    """Sums of the loss and the method's statistics since the last log step, on the device (no sync);
+    :meth:`record` turns them into one log record with a single stacked all-reduce."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps, self.data_wait, self.start = 0, 0.0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, stats: dict, data_wait: float) -> None:
+        for name, value in {"loss": loss, **stats}.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.steps += 1
+        self.data_wait += data_wait
+
+    def record(self, skipped: int, global_batch: int) -> dict:
+        """{loss, stats...: means over the window and ranks, skipped_images: sum over ranks, speed}."""
+        # note: the host sync of the loop
+        names = list(self.sums)
+        values = torch.stack([self.sums[n] / self.steps for n in names]
+                             + [torch.tensor(float(skipped), device=self.device)])
+        totals = dist.all_reduce_sum(values).tolist()
+        world = dist.get_world_size()
+        elapsed = time.perf_counter() - self.start
+        return {**{n: v / world for n, v in zip(names, totals)},
+                "img_per_s": self.steps * global_batch / elapsed, "steps_per_s": self.steps / elapsed,
+                "data_wait": self.data_wait / elapsed, "skipped_images": int(totals[-1])}
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -75,74 +147,67 @@ def optimise(value: torch.Tensor, optimizer, scaler, encoder_q, encoder_k, momen
 def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) -> LoopState:
     """Run from ``state`` to ``run.stop_step`` (the end of training, or max_steps) or a stop signal.
 
-    run: the assembled pieces (see train.Run): encoder_q (maybe DDP), encoder_k, optimizer, scaler,
-    spec, queue, device, amp dtype, schedule numbers. Callbacks: on_log(record), on_checkpoint(state),
-    on_epoch_end(state).
+    run: the assembled pieces (see maskco.build.Run). Callbacks: on_log(record), on_checkpoint(state),
+    on_epoch_end(state). Every checkpoint follows a log step, so a diverged loss is never saved.
+    Raises :class:`Diverged` (on every rank) when the logged loss is not finite.
     """
     device = run.device
     generator = torch.Generator(device=device)  # boxes, augmentation, mask noise: per rank
     shuffle_generator = torch.Generator(device=device)  # shuffle-BN: identical on every rank
     steps_per_epoch = len(loader)
-    window_loss = torch.zeros((), device=device)
-    window_stats: dict = {}
-    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-    with StopRequest() as stop:
-        while state.epoch < run.epochs and state.step < run.stop_step:
-            loader.set_epoch(state.epoch, skip_batches=state.step - state.epoch * steps_per_epoch)
-            tick = time.perf_counter()
-            for batch in loader:
-                data_wait += time.perf_counter() - tick
-                lr = schedule.cosine(state.step, run.total_steps, run.peak_lr, run.min_lr, run.warmup_steps)
-                for group in run.optimizer.param_groups:
-                    group["lr"] = lr
-                generator.manual_seed(step_seed(run.seed, state.step, run.rank))
-                shuffle_generator.manual_seed(step_seed(run.seed, state.step, 0))
-                inputs = ready_inputs(batch, run.spec, generator)  # fp32: outside autocast, whatever the precision
-                with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-                    value, stats, keys = forward_loss(run.encoder_q, run.encoder_k, inputs, run.spec,
-                                                      shuffle_generator, run.queue)
-                momentum = schedule.ema_momentum(state.step, run.total_steps, run.momentum, run.momentum_schedule)
-                optimise(value, run.optimizer, run.scaler, run.encoder_q, run.encoder_k, momentum)
-                if run.queue is not None:
-                    run.queue.enqueue(dist.concat_all_gather(keys.detach()))
-                state.step += 1
-                window_steps += 1
-                window_loss += value.detach()
-                for name, tensor in stats.items():
-                    window_stats[name] = window_stats.get(name, 0) + tensor.detach()
-                last_of_epoch = state.step % steps_per_epoch == 0
-                if state.step % run.log_every == 0 or last_of_epoch or state.step >= run.stop_step:
-                    # note: the only host sync of the loop
-                    elapsed = time.perf_counter() - window_start
-                    record = {
-                        "epoch": state.epoch, "step": state.step, "lr": lr, "momentum": momentum,
-                        "loss": dist.all_reduce_mean(window_loss / window_steps).item(),
-                        **{k: dist.all_reduce_mean(v / window_steps).item() for k, v in window_stats.items()},
-                        "img_per_s": window_steps * run.global_batch / elapsed,
-                        "steps_per_s": window_steps / elapsed,
-                        "data_wait": data_wait / elapsed,
-                        "skipped_images": int(getattr(loader, "skipped", 0)),
-                    }
-                    state.history.append((state.step, record["loss"]))
-                    on_log(record)
-                    window_loss.zero_()
-                    window_stats = {}
-                    window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-                    if _any_rank(stop.signal != 0, device):  # every rank stops at the same step
-                        state.stop_signal = stop.signal or signal.SIGTERM
-                if last_of_epoch:
-                    state.epoch += 1
-                    on_epoch_end(state)
-                elif run.ckpt_every and state.step % run.ckpt_every == 0:
-                    on_checkpoint(state)
-                if stop.signal and not dist.is_distributed():  # one process: no need to agree on the step
-                    state.stop_signal = stop.signal
-                if state.stop_signal or state.step >= run.stop_step:
-                    break
+    window = LogWindow(device)
+    agree = StopAgreement()
+    skipped_before = state.skipped_images  # counted by earlier processes of this run (from the checkpoint)
+    try:
+        with StopRequest() as stop:
+            while state.epoch < run.epochs and state.step < run.stop_step and not state.stop_signal:
+                loader.set_epoch(state.epoch, skip_batches=state.step - state.epoch * steps_per_epoch)
                 tick = time.perf_counter()
-            if state.stop_signal:
-                on_checkpoint(state)
-                break
-            if state.step >= run.stop_step and state.step % steps_per_epoch:
-                on_checkpoint(state)  # max_steps ended mid-epoch
+                for batch in loader:
+                    data_wait = time.perf_counter() - tick
+                    lr = schedule.cosine(state.step, run.total_steps, run.peak_lr, run.min_lr, run.warmup_steps)
+                    for group in run.optimizer.param_groups:
+                        group["lr"] = lr
+                    generator.manual_seed(step_seed(run.seed, state.step, run.rank))
+                    shuffle_generator.manual_seed(step_seed(run.seed, state.step, 0))
+                    inputs = ready_inputs(batch, run.spec, generator)  # fp32: outside autocast, whatever the precision
+                    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+                        value, stats, keys = forward_loss(run.encoder_q, run.encoder_k, inputs, run.spec,
+                                                          shuffle_generator, run.queue)
+                    momentum = schedule.ema_momentum(state.step, run.total_steps, run.momentum,
+                                                     run.momentum_schedule)
+                    optimise(value, run.optimizer, run.scaler, run.encoder_q, run.encoder_k, momentum)
+                    if run.queue is not None:
+                        run.queue.enqueue(dist.concat_all_gather(keys.detach()))
+                    state.step += 1
+                    window.add(value, stats, data_wait)
+                    # ---- one decision: stop here (every rank at this step), and what to write
+                    if stop.signal and not state.stop_asked_at:
+                        state.stop_asked_at = state.step
+                    if agree(stop.signal != 0):
+                        state.stop_signal = stop.signal or signal.SIGTERM
+                    end_of_epoch = state.step % steps_per_epoch == 0
+                    checkpoint = end_of_epoch or bool(run.ckpt_every and state.step % run.ckpt_every == 0)
+                    done = state.step >= run.stop_step or bool(state.stop_signal)
+                    if checkpoint or done or state.step % run.log_every == 0:
+                        record = {"epoch": state.epoch, "step": state.step, "lr": lr, "momentum": momentum,
+                                  **window.record(int(getattr(loader, "skipped", 0)), run.global_batch)}
+                        record["skipped_images"] += skipped_before
+                        state.skipped_images = record["skipped_images"]
+                        if not math.isfinite(record["loss"]):
+                            raise Diverged(f"the loss is {record['loss']} at step {state.step} (mean of steps "
+                                           f"{state.step - window.steps + 1}-{state.step}): training diverged")
+                        state.history.append((state.step, record["loss"]))
+                        on_log(record)
+                        window.reset()
+                    if end_of_epoch:
+                        state.epoch += 1
+                        on_epoch_end(state)
+                    elif checkpoint or done:
+                        on_checkpoint(state)
+                    if done:
+                        break
+                    tick = time.perf_counter()
+    finally:
+        agree.close()
     return state

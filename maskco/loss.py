@@ -92,8 +92,15 @@ def info_nce(logits, valid):
 
 
 def positive_accuracy(logits, valid):
-    """Fraction of valid rows whose largest logit is the positive (column 0); 0-dim tensor, no sync."""
-    hit = (logits.argmax(dim=1) == 0) & valid  # [N]
+    """Fraction of valid rows whose positive (column 0) is strictly above every negative; 0-dim tensor,
+    no sync. A tie or a NaN is a miss (argmax would call both a hit: it returns the first maximum and
+    treats NaN as the largest value)."""
+    positive = logits[:, 0]  # [N]
+    if logits.shape[1] > 1:
+        hit = positive > logits[:, 1:].amax(dim=1)  # [N]; False for NaN
+    else:
+        hit = torch.isfinite(positive)
+    hit = hit & valid
     return hit.sum() / valid.sum().clamp_min(1)
 
 

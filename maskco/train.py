@@ -5,7 +5,10 @@ automatically from ``out_dir/checkpoint_last.pt`` (``--resume=none`` to start ov
 """
 from __future__ import annotations
 
+import datetime
+import faulthandler
 import os
+import signal
 import sys
 from typing import Optional
 
@@ -16,17 +19,18 @@ from pipelines import DataError
 from maskco import checkpoint, dist
 from maskco.build import Run, build_run, resolve_data
 from maskco.config import Config, ConfigError, build_config, global_batch, peak_lr
-from maskco.engine import LoopState, train
+from maskco.engine import Diverged, LoopState, train
 from maskco.export import TORCHVISION_FILE, export_torchvision
 from maskco.model import unwrap
 from maskco.runlog import RunLog, git_revision
 
 
-def checkpoint_state(cfg: Config, run: Run, state: LoopState, steps_per_epoch: int) -> dict:
+def checkpoint_state(cfg: Config, run: Run, state: LoopState, steps_per_epoch: int, data: dict) -> dict:
     return {
         "format": checkpoint.FORMAT, "config": cfg.to_dict(), "git": git_revision(),
         "epoch": state.epoch, "step": state.step, "steps_per_epoch": steps_per_epoch,
-        "world_size": dist.get_world_size(),
+        "world_size": dist.get_world_size(), "batch_size": cfg.batch_size, "data": data,
+        "skipped_images": state.skipped_images,
         "encoder_q": unwrap(run.encoder_q).state_dict(), "encoder_k": run.encoder_k.state_dict(),
         "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
         "queue": run.queue.state_dict() if run.queue is not None else None,
@@ -34,9 +38,64 @@ def checkpoint_state(cfg: Config, run: Run, state: LoopState, steps_per_epoch: i
     }
 
 
-def restore(cfg: Config, run: Run, path: str, steps_per_epoch: int, log: RunLog) -> LoopState:
-    state = checkpoint.load(path)
+def find_resume(cfg: Config, store: checkpoint.Store, log: RunLog) -> Optional[str]:
+    """The checkpoint to resume from, chosen on rank 0 (the newest that verifies) and the same on every
+    rank; a CheckpointError on rank 0 is raised on every rank."""
+    choice: tuple = (None, None)
+    if dist.get_rank() == 0:
+        try:
+            if cfg.resume == "auto":
+                choice = (store.load_latest(lambda message: log.write({"warning": message}))[0], None)
+            elif cfg.resume != "none":
+                checkpoint.load(cfg.resume)  # verified here, loaded again by every rank
+                choice = (cfg.resume, None)
+        except checkpoint.CheckpointError as error:
+            choice = (None, str(error))
+    path, error = dist.broadcast_object(choice)
+    if error:
+        raise checkpoint.CheckpointError(error)
+    return path
+
+
+def resume_position(state: dict, path: str, data: dict, global_batch_now: int, steps_per_epoch: int,
+                    log: RunLog) -> int:
+    """The step to continue at: the stored one, or, when the global batch changed, the step of the new
+    run at which exactly the same images of the epoch are done (no image repeated or skipped).
+
+    Refuses (CheckpointError) a checkpoint written on other data or another backend, and a global-batch
+    change that cannot continue exactly mid-epoch.
+    """
+    stored = state.get("data")
+    if stored is not None and stored != data:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was written reading other data ({_describe(stored)}); this run reads "
+            f"{_describe(data)}: use the same --data and --backend, or --resume=none / another --out_dir")
+    step, epoch = state["step"], state["epoch"]
+    batch_then = state.get("batch_size", state["config"]["batch_size"]) * state["world_size"]
+    if batch_then == global_batch_now:
+        return step
+    images_done = (step - epoch * state["steps_per_epoch"]) * batch_then  # of epoch `epoch`
+    if images_done % global_batch_now:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} stopped {images_done} images into epoch {epoch} with a global batch of "
+            f"{batch_then} ({state['world_size']} ranks); a global batch of {global_batch_now} cannot continue "
+            f"there without repeating or skipping images: resume with the old world size and batch_size "
+            f"until the epoch ends (--max_steps={(epoch + 1) * state['steps_per_epoch']}), then change")
+    new_step = epoch * steps_per_epoch + images_done // global_batch_now
+    log.write({"warning": f"the global batch changed ({batch_then} -> {global_batch_now}): resuming at step "
+                          f"{new_step} (was {step}), {images_done} images into epoch {epoch}; the peak lr follows "
+                          f"the linear scaling rule and changes by {global_batch_now / batch_then:g}x"})
+    return new_step
+
+
+def _describe(data: dict) -> str:
+    return f"{data.get('images')} images, listing {data.get('listing_sha256')}, backend {data.get('backend')}"
+
+
+def restore(cfg: Config, run: Run, path: str, steps_per_epoch: int, data: dict, log: RunLog) -> LoopState:
+    state = checkpoint.load(path, verify=False)  # verified on rank 0 by find_resume
     checkpoint.check_compatible(state, cfg.to_dict(), path)
+    step = resume_position(state, path, data, run.global_batch, steps_per_epoch, log)
     unwrap(run.encoder_q).load_state_dict(state["encoder_q"])
     run.encoder_k.load_state_dict(state["encoder_k"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -44,14 +103,14 @@ def restore(cfg: Config, run: Run, path: str, steps_per_epoch: int, log: RunLog)
     if run.queue is not None and state.get("queue") is not None:
         run.queue.load_state_dict(state["queue"])
     checkpoint.set_rng_state(state["rng"])
-    step, epoch = state["step"], state["epoch"]
-    if state.get("steps_per_epoch") != steps_per_epoch:
-        # another world size or batch: continue at the start of the stored epoch's next full step count
-        log.write({"warning": f"steps per epoch changed ({state.get('steps_per_epoch')} -> {steps_per_epoch});"
-                              f" resuming at the start of epoch {epoch}"})
-        step = epoch * steps_per_epoch
-    log.write({"resumed_from": path, "epoch": epoch, "step": step})
-    return LoopState(epoch=epoch, step=step)
+    log.write({"resumed_from": path, "epoch": state["epoch"], "step": step})
+    return LoopState(epoch=state["epoch"], step=step, skipped_images=state.get("skipped_images", 0))
+
+
+def weights_finite(module: torch.nn.Module) -> bool:
+    """Every parameter finite (one reduction, one sync: called before a checkpoint or an export)."""
+    norms = torch._foreach_norm([p.detach() for p in module.parameters()])
+    return bool(torch.stack(norms).isfinite().all())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -62,7 +121,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"maskco.train: {error}", file=sys.stderr)
         return 2
     # ---- distributed + device
-    info = dist.init_distributed(None if cfg.device == "auto" else cfg.device)
+    info = dist.init_distributed(None if cfg.device == "auto" else cfg.device,
+                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     device, world_size = info.device, info.world_size
     torch.manual_seed(cfg.seed + info.rank)  # per-rank host randomness; the models are seeded in maskco.build
     if device.type == "cuda":
@@ -73,15 +133,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.write({"config": cfg.to_dict(), "git": git_revision(), "world_size": world_size, "device": str(device),
                "torch": torch.__version__, "global_batch": global_batch(cfg, world_size),
                "peak_lr": peak_lr(cfg, world_size)})
+    store = checkpoint.Store(cfg.out_dir, keep=cfg.keep_checkpoints)
+    if info.rank == 0:
+        for path in store.remove_stale():
+            log.write({"warning": f"removed {path}, a partial checkpoint left by a process that was killed"})
 
     # ---- data
     loader = pipelines.build_loader(
         cfg.backend, resolve_data(cfg, info.local_rank), batch_size=cfg.batch_size, image_size=cfg.image_size,
         device=device, rank=info.rank, world_size=world_size, seed=cfg.seed,
         workers=None if cfg.workers < 0 else cfg.workers, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
-        flip_prob=cfg.flip_prob, strict_data=cfg.strict_data,
+        flip_prob=cfg.flip_prob, strict_data=cfg.strict_data, timeout=cfg.data_timeout,
     )
     steps_per_epoch = len(loader)
+    data = {"backend": cfg.backend, **loader.fingerprint()}
 
     # ---- model, optimiser: identical on every rank (maskco.build)
     run = build_run(cfg, info, steps_per_epoch)
@@ -89,16 +154,22 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # ---- resume, then train
     state = LoopState()
-    resume = checkpoint.latest(cfg.out_dir) if cfg.resume == "auto" else (None if cfg.resume == "none" else cfg.resume)
+    resume = find_resume(cfg, store, log)
     if resume:
-        state = restore(cfg, run, resume, steps_per_epoch, log)
+        state = restore(cfg, run, resume, steps_per_epoch, data, log)
     log.write({"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "stop_step": stop_step,
                "start_step": state.step})
-    last = os.path.join(cfg.out_dir, checkpoint.LAST)
 
     def save(loop_state: LoopState) -> None:
+        if not weights_finite(run.encoder_q):  # on every rank: DDP keeps them equal, and all must stop
+            raise Diverged(f"the weights are not finite after step {loop_state.step}: training diverged")
         if info.rank == 0:
-            checkpoint.save_atomic(checkpoint_state(cfg, run, loop_state, steps_per_epoch), last)
+            try:
+                path = store.save(checkpoint_state(cfg, run, loop_state, steps_per_epoch, data), loop_state.step)
+            except checkpoint.CheckpointError as error:
+                log.write({"error": str(error)})
+                raise
+            log.write({"checkpoint": path, "step": loop_state.step})
 
     def epoch_end(loop_state: LoopState) -> None:
         save(loop_state)
@@ -106,24 +177,41 @@ def main(argv: Optional[list[str]] = None) -> int:
             log.write({"epoch": loop_state.epoch, "step": loop_state.step, **knn(cfg, run, info)})
 
     log.start_progress(stop_step, state.step)
-    state = train(run, loader, state, log.write, save, epoch_end)
+    try:
+        state = train(run, loader, state, log.write, save, epoch_end)
+    except Diverged as error:
+        message = (f"{error}; nothing from it was saved, the last good checkpoint is "
+                   f"{checkpoint.latest(cfg.out_dir) or 'none'} (try a lower base_lr, or bf16/fp32 instead of fp16)")
+        log.write({"diverged": True, "error": message})
+        if info.rank == 0:
+            print(f"maskco.train: error: {message}", file=sys.stderr)
+        _finish(run, log)
+        return EXIT_DIVERGED
     done = state.step >= stop_step and not state.stop_signal
     if done and cfg.export and info.rank == 0:
         path = os.path.join(cfg.out_dir, TORCHVISION_FILE)
         export_torchvision(unwrap(run.encoder_q).state_dict(), path)
         log.write({"exported": path, "arch": cfg.arch})
     if state.stop_signal:
-        log.write({"interrupted": int(state.stop_signal), "step": state.step,
-                   "checkpoint": last, "hint": "run the same command again to resume"})
+        log.write({"interrupted": signal.Signals(state.stop_signal).name, "asked_at_step": state.stop_asked_at,
+                   "step": state.step,
+                   "checkpoint": store.last, "hint": "run the same command again to resume"})
     if done:
         losses = [loss for _, loss in state.history]
         log.write({"finished": True, "step": state.step, "first_loss": losses[0] if losses else None,
                    "last_loss": losses[-1] if losses else None})
+    _finish(run, log)
+    return 128 + int(state.stop_signal) if state.stop_signal else 0
+
+
+EXIT_DIVERGED = 3  # the loss or the weights stopped being finite (README: exit codes)
+
+
+def _finish(run: Run, log: RunLog) -> None:
     log.close()
     run.encoder_q = run.optimizer = None  # drop DDP and the optimiser before the process group goes
     del run
     dist.shutdown()
-    return 128 + int(state.stop_signal) if state.stop_signal else 0
 
 
 def knn(cfg: Config, run: Run, info) -> dict:
@@ -139,7 +227,9 @@ def knn(cfg: Config, run: Run, info) -> dict:
 
 
 def cli() -> int:
-    """``main`` for the command line: a bad input is one clear line on stderr, not a traceback."""
+    """``main`` for the command line: a bad input is one clear line on stderr, not a traceback.
+    faulthandler: a SIGSEGV / SIGBUS (a memory-mapped data file truncated in place) leaves a stack trace."""
+    faulthandler.enable()
     try:
         return main()
     except (DataError, checkpoint.CheckpointError, ConfigError, ImportError) as error:

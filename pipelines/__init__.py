@@ -13,6 +13,7 @@ that step, seeing the same samples the uninterrupted run would have seen next.
 from __future__ import annotations
 
 import importlib
+import signal
 from dataclasses import dataclass, fields
 from typing import Optional
 
@@ -129,6 +130,18 @@ def epoch_shard(num_samples: int, batch_size: int, rank: int, world_size: int, s
     if drop_last:  # whole global batches only
         order = order[: num_samples // (batch_size * world_size) * batch_size * world_size]
     return order[rank::world_size]
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """In a loader's worker process: ignore SIGINT and SIGTERM (``DataLoader(worker_init_fn=...)``).
+
+    torchrun, SLURM and ``timeout`` signal the whole process group; a worker that died of it would
+    take the trainer down (PyTorch's SIGCHLD handler raises) before it could write its checkpoint.
+    The main process decides when to stop; it ends its workers itself, and a worker whose parent is
+    gone exits on its own (DataLoader's watchdog).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def check_common_args(batch_size, image_size, rank, world_size, seed, crop_scale, crop_ratio, flip_prob) -> None:

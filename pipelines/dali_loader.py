@@ -71,7 +71,7 @@ from pipelines import Batch, check_common_args, check_position, epoch_shard
 from pipelines.dali_bad_images import check_images, named_in_message
 from pipelines.dali_webdataset import (WDS_IMAGE_EXT, count_shards, parse_labels, read_shards, shard_samples,
                                        tar_shards)
-from pipelines.sources import DataError, ImageList, list_images
+from pipelines.sources import DataError, ImageList, fingerprint, list_images
 
 READER = "reader"
 # extra: dataset index (image folders and lists) or the label's bytes (webdataset)
@@ -84,7 +84,7 @@ def build_dali_loader(
     world_size: int = 1, seed: int = 0, workers: Optional[int] = None,
     crop_scale: tuple[float, float] = (0.2, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip_prob: float = 0.5, prefetch: int = 2, cpu_only: Optional[bool] = None, strict_data: bool = False,
-    hw_decoder_load: float = 0.65, shuffle_buffer: int = 4096, **unused,
+    hw_decoder_load: float = 0.65, shuffle_buffer: int = 4096, timeout: float = 0.0, **unused,
 ) -> "DaliLoader":
     """The DALI loader (protocol: ``pipelines`` docstring; behaviour: this module's docstring).
 
@@ -92,6 +92,7 @@ def build_dali_loader(
     cpu_only: None = decode on the GPU iff ``device`` is CUDA; True = CPU decode (then copy to device).
     hw_decoder_load: share of JPEGs sent to the hardware decoder (GPU mode, cards that have one).
     shuffle_buffer: webdataset shuffle window, in samples.
+    timeout: not used (the torch backend's wait for a worker process; DALI decodes in this process).
     """
     if unused:
         warnings.warn(f"the dali backend ignores the options {sorted(unused)}", stacklevel=2)
@@ -147,7 +148,9 @@ def _two_views(encoded, *, image_size, crop_scale, crop_ratio, flip_prob, gpu, h
 
 @pipeline_def
 def _files_pipeline(reader_args, view_args):
-    encoded, index = fn.readers.file(name=READER, **reader_args)  # no shuffle: ours is the order
+    # no shuffle: ours is the order. dont_use_mmap: a file truncated or replaced while it is read is
+    # then a read error DALI reports, not a SIGBUS that kills the process without a message.
+    encoded, index = fn.readers.file(name=READER, dont_use_mmap=True, **reader_args)
     return tuple(_two_views(encoded, **view_args)) + (index,)
 
 
@@ -188,6 +191,10 @@ class DaliLoader:
 
     def __len__(self) -> int:
         return self.size // (self.batch_size * self.world_size)
+
+    def fingerprint(self) -> dict:
+        """The data: image count and a hash of the listing (the images, or the shards' names)."""
+        return fingerprint(self._paths if self.images is not None else self.tars, self.size)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Iterate ``epoch`` next, starting at step ``skip_batches`` (until the next set_epoch)."""

@@ -49,7 +49,7 @@ from pipelines import Batch, check_common_args, check_position, epoch_shard
 from pipelines.ffcv_ops import (HAS_LINEAR, INTERPOLATIONS, TwoViewDecoder, _cache_kernels_in, crop_rows,
                                 window_params)
 from pipelines.ffcv_writer import BetonInfo, check_beton
-from pipelines.sources import DataError
+from pipelines.sources import DataError, fingerprint
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}
 
@@ -147,6 +147,10 @@ class FFCVLoader:
 
     def __len__(self) -> int:
         return self.order.steps
+
+    def fingerprint(self) -> dict:
+        """The data: sample count and a hash of the stored image sizes (the .beton's own listing)."""
+        return fingerprint((f"{h}x{w}" for h, w in zip(self._heights, self._widths)), self.info.num_samples)
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Iterate ``epoch`` next, starting at step ``skip_batches`` (the rest of the epoch only)."""

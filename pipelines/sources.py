@@ -13,6 +13,7 @@ folder keeps its label either way).
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -35,6 +36,19 @@ class ImageList:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+
+def fingerprint(names, count: int) -> dict:
+    """What a checkpoint records of its data: the sample count and a SHA-256 of the listing.
+
+    ``names``: one string per sample (or per shard); only the last two path components enter the hash
+    (``class/file.jpg``), so the same dataset moved to another mount keeps its fingerprint.
+    """
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update("/".join(str(name).replace(os.sep, "/").split("/")[-2:]).encode("utf-8", "surrogateescape"))
+        digest.update(b"\n")
+    return {"images": int(count), "listing_sha256": digest.hexdigest()[:16]}
 
 
 def is_image_file(name: str) -> bool:

@@ -26,8 +26,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from pipelines import Batch, check_common_args, check_position, epoch_shard
-from pipelines.sources import UNREADABLE, DataError, ImageList, list_images
+from pipelines import Batch, check_common_args, check_position, epoch_shard, ignore_stop_signals
+from pipelines.sources import UNREADABLE, DataError, ImageList, fingerprint, list_images
 
 # What PIL raises for a file that is not a readable image: missing / zero-byte / non-image
 # (UnidentifiedImageError is an OSError), truncated ("image file is truncated"), broken streams.
@@ -41,7 +41,7 @@ def build_torch_loader(
     world_size: int = 1, seed: int = 0, workers: Optional[int] = None,
     crop_scale: tuple[float, float] = (0.2, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip_prob: float = 0.5, strict_data: bool = False, eval_mode: bool = False, draft: bool = True,
-    prefetch_factor: int = 2, pin_memory: Optional[bool] = None,
+    prefetch_factor: int = 2, pin_memory: Optional[bool] = None, timeout: float = 600.0,
 ) -> "TorchLoader":
     """The torch backend's loader (protocol: ``pipelines`` docstring). Per rank, ``batch_size`` images.
 
@@ -51,6 +51,8 @@ def build_torch_loader(
         image is seen once across ranks and the last batch may be partial (for linear evaluation).
     draft: allow JPEG draft decoding at a reduced scale (only where both views keep >= S px per side).
     pin_memory: None: pin when ``device`` is CUDA (needed for the asynchronous copy).
+    timeout: seconds to wait for a worker's batch before failing (a hung read, e.g. a stalled network
+        filesystem, becomes an error naming the wait instead of a silent hang); 0: wait forever.
     """
     device = torch.device(device)
     _check_args(batch_size, image_size, rank, world_size, seed, crop_scale, crop_ratio, flip_prob,
@@ -69,7 +71,8 @@ def build_torch_loader(
     loader = DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
         pin_memory=device.type == "cuda" if pin_memory is None else pin_memory,
-        persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers > 0 else None)
+        persistent_workers=workers > 0, prefetch_factor=prefetch_factor if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals, timeout=timeout if workers > 0 else 0)
     return TorchLoader(loader, sampler, device, images)
 
 
@@ -93,6 +96,10 @@ class TorchLoader:
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         self.sampler.set_epoch(epoch, skip_batches)
+
+    def fingerprint(self) -> dict:
+        """The data this loader reads: image count and a hash of the listing (see sources.fingerprint)."""
+        return fingerprint(self.images.paths, len(self.images))
 
     def __iter__(self):
         try:
