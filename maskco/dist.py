@@ -41,17 +41,36 @@ def init_distributed(device: str | None = None, init_method: str | None = None,
         raise ValueError("environment has only one of RANK / WORLD_SIZE; launch with torchrun (it sets both)")
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    store = _attempt_store(rank, world_size, timeout) if init_method is None else None
     if use_cuda:
         device_ = torch.device("cuda", local_rank)
         torch.cuda.set_device(device_)
         # device_id binds NCCL to this GPU now (no guessing in barrier(), no stray context on GPU 0)
-        torch.distributed.init_process_group("nccl", init_method=init_method, timeout=timeout, rank=rank,
-                                      world_size=world_size, device_id=device_)
+        torch.distributed.init_process_group("nccl", init_method=init_method, store=store, timeout=timeout,
+                                             rank=rank, world_size=world_size, device_id=device_)
     else:
         device_ = torch.device("cpu")
-        torch.distributed.init_process_group("gloo", init_method=init_method, timeout=timeout, rank=rank,
-                                      world_size=world_size)
+        torch.distributed.init_process_group("gloo", init_method=init_method, store=store, timeout=timeout,
+                                             rank=rank, world_size=world_size)
     return DistInfo(rank, world_size, local_rank, device_)
+
+
+def _attempt_store(rank: int, world_size: int, timeout: datetime.timedelta | None):
+    """Under torchrun, torchrun's store with keys private to this restart attempt; None otherwise.
+
+    After ``--max-restarts`` relaunches the workers, the store still holds the previous attempt's keys
+    (each rank's gloo address among them): a new rank could read a dead peer's address and fail with
+    "connection refused". A prefix per attempt (TORCHELASTIC_RESTART_COUNT) keeps attempts apart.
+    """
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it
+    store = torch.distributed.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+        is_master=rank == 0 and not agent_hosts, timeout=timeout or datetime.timedelta(minutes=30),
+        multi_tenant=not agent_hosts)
+    return torch.distributed.PrefixStore(f"maskco/attempt_{attempt}/", store)
 
 
 def is_distributed() -> bool:
