@@ -217,3 +217,11 @@ def test_mocov2_step_logits_are_moco_queue_only_formulation():
     grad_ours, = torch.autograd.grad(ours, q)
     grad_theirs, = torch.autograd.grad(theirs, q)
     torch.testing.assert_close(grad_ours, grad_theirs)
+
+
+def test_positive_accuracy_counts_ties_and_nan_as_misses():
+    valid = torch.ones(3, dtype=torch.bool)
+    logits = torch.tensor([[1.0, 1.0, 0.0], [float("nan"), 0.0, 0.0], [float("nan")] * 3])
+    assert positive_accuracy(logits, valid).item() == 0.0  # argmax would say 3 of 3
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    assert positive_accuracy(logits, valid).item() == pytest.approx(1 / 3)
