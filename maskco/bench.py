@@ -31,6 +31,7 @@ from maskco.bench_baselines import baseline_loader, decode_ceiling
 from maskco.bench_report import environment, report, targets
 from maskco.bench_timing import loader_rate, sync, timed
 from maskco.build import amp_dtype, build_encoders, build_optimizer, build_queue
+from maskco.model import KeyEncoderEMA
 
 
 # ---- 5. the step on synthetic ready inputs
@@ -40,6 +41,7 @@ class Trainer:
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
         self.encoder_q, self.encoder_k = build_encoders(cfg, device, distributed=False)
+        self.ema = KeyEncoderEMA(self.encoder_k, self.encoder_q)
         self.optimizer = build_optimizer(cfg, self.encoder_q, device)
         self.spec = MethodSpec.from_config(cfg, shuffle_bn=False)
         self.dtype = amp_dtype(cfg, device)
@@ -55,7 +57,7 @@ class Trainer:
     def step(self, inputs) -> None:
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
             value, _, keys = forward_loss(self.encoder_q, self.encoder_k, inputs, self.spec, None, self.queue)
-        optimise(value, self.optimizer, self.scaler, self.encoder_q, self.encoder_k, self.cfg.momentum)
+        optimise(value, self.optimizer, self.scaler, self.ema, self.cfg.momentum)
         if self.queue is not None:
             self.queue.enqueue(keys)
 

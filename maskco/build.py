@@ -16,7 +16,7 @@ from maskco import dist
 from maskco.config import Config, ConfigError, global_batch, peak_lr
 from maskco.loss import KeyQueue
 from maskco.method import MethodSpec
-from maskco.model import Encoder, build_key_encoder, param_groups
+from maskco.model import Encoder, KeyEncoderEMA, build_key_encoder, param_groups
 
 
 @dataclass
@@ -25,6 +25,7 @@ class Run:
 
     encoder_q: torch.nn.Module
     encoder_k: torch.nn.Module
+    ema: KeyEncoderEMA  # encoder_k <- encoder_q
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     spec: MethodSpec
@@ -122,7 +123,7 @@ def build_run(cfg: Config, info: dist.DistInfo, steps_per_epoch: int) -> Run:
     precision_dtype = amp_dtype(cfg, device)
     total_steps = cfg.epochs * steps_per_epoch  # the LR / momentum schedules always span all epochs
     return Run(
-        encoder_q=model, encoder_k=encoder_k, optimizer=optimizer,
+        encoder_q=model, encoder_k=encoder_k, ema=KeyEncoderEMA(encoder_k, encoder_q), optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=precision_dtype == torch.float16),
         spec=MethodSpec.from_config(cfg, shuffle_bn=cfg.key_bn == "shuffle"), queue=build_queue(cfg, device),
         device=device, amp_dtype=precision_dtype, rank=info.rank, seed=cfg.seed, epochs=cfg.epochs,

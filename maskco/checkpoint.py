@@ -62,7 +62,7 @@ class _HashingWriter:
 
     def write(self, data) -> int:
         self.hash.update(data)
-        self.size += len(data)
+        self.size += memoryview(data).nbytes  # pickle protocol 5 hands over PickleBuffers, which have no len()
         return self.stream.write(data)
 
     def flush(self) -> None:

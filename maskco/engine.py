@@ -19,7 +19,7 @@ import torch
 
 from maskco import dist, schedule
 from maskco.method import forward_loss, ready_inputs
-from maskco.model import momentum_update
+from maskco.model import KeyEncoderEMA
 
 
 @dataclass
@@ -134,14 +134,14 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 4099 + rank
 
 
-def optimise(value: torch.Tensor, optimizer, scaler, encoder_q, encoder_k, momentum: float) -> None:
+def optimise(value: torch.Tensor, optimizer, scaler, ema: KeyEncoderEMA, momentum: float) -> None:
     """One update from the loss: backward through the scaler (a no-op unless fp16), the optimiser step,
     then the EMA of the key encoder. The trainer and the bench both step through here."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(value).backward()
     scaler.step(optimizer)
     scaler.update()
-    momentum_update(encoder_k, encoder_q, momentum)
+    ema(momentum)
 
 
 def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) -> LoopState:
@@ -176,7 +176,7 @@ def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) ->
                                                           shuffle_generator, run.queue)
                     momentum = schedule.ema_momentum(state.step, run.total_steps, run.momentum,
                                                      run.momentum_schedule)
-                    optimise(value, run.optimizer, run.scaler, run.encoder_q, run.encoder_k, momentum)
+                    optimise(value, run.optimizer, run.scaler, run.ema, momentum)
                     if run.queue is not None:
                         run.queue.enqueue(dist.concat_all_gather(keys.detach()))
                     state.step += 1
@@ -191,7 +191,7 @@ def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) ->
                     done = state.step >= run.stop_step or bool(state.stop_signal)
                     if checkpoint or done or state.step % run.log_every == 0:
                         record = {"epoch": state.epoch, "step": state.step, "lr": lr, "momentum": momentum,
-                                  **window.record(int(getattr(loader, "skipped", 0)), run.global_batch)}
+                                  **window.record(loader.skipped, run.global_batch)}
                         record["skipped_images"] += skipped_before
                         state.skipped_images = record["skipped_images"]
                         if not math.isfinite(record["loss"]):

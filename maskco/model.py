@@ -12,9 +12,7 @@ transfers; the MPH and the head are dropped at transfer time.
 """
 import copy
 import math
-import weakref
 from collections.abc import Mapping
-from typing import NamedTuple
 
 import torch
 import torchvision
@@ -216,17 +214,6 @@ def key_features(encoder_k: nn.Module, x_k: torch.Tensor, generator: torch.Gener
     return dist.unshuffle_batch(encoder_k.features(x_k), idx_unshuffle)  # [N, C, h, w]
 
 
-class _EmaLists(NamedTuple):
-    params_k: list
-    params_q: list
-    buffers_k: list  # one list per dtype, so every foreach call takes its fast path
-    buffers_q: list
-    probes: list  # (dict, name, tensor): tells when .to()/.cuda() replaced the cached tensors
-
-
-_EMA_CACHE: "weakref.WeakKeyDictionary[nn.Module, _EmaLists]" = weakref.WeakKeyDictionary()
-
-
 def unwrap(module: nn.Module) -> nn.Module:
     """Strip DDP (``.module``) and ``torch.compile`` (``._orig_mod``) wrappers."""
     while isinstance(module, nn.parallel.DistributedDataParallel) or hasattr(module, "_orig_mod"):
@@ -240,44 +227,52 @@ def _named(module: nn.Module, kind: str) -> list:
             for name, t in m.__dict__["_" + kind].items() if t is not None]
 
 
-def _ema_lists(encoder_k: nn.Module, encoder_q: nn.Module) -> _EmaLists:
-    cached = _EMA_CACHE.get(encoder_k)
-    if cached is not None and all(owner.get(name) is t for owner, name, t in cached.probes):
-        return cached
-    params_k, params_q = _named(encoder_k, "parameters"), _named(encoder_q, "parameters")
-    buffers_k, buffers_q = _named(encoder_k, "buffers"), _named(encoder_q, "buffers")
-    shapes = lambda entries: [(name, t.shape, t.dtype) for _, name, t in entries]  # noqa: E731
-    if shapes(params_k) != shapes(params_q) or shapes(buffers_k) != shapes(buffers_q):
-        raise ValueError("encoder_k and encoder_q must have the same parameters and buffers (use build_key_encoder)")
-    groups = {}
-    for (_, _, b_k), (_, _, b_q) in zip(buffers_k, buffers_q):
-        groups.setdefault(b_k.dtype, ([], []))[0].append(b_k)
-        groups[b_k.dtype][1].append(b_q)
-    probes = [entries[0] for entries in (params_k, params_q, buffers_k, buffers_q) if entries]
-    cached = _EmaLists([t for *_, t in params_k], [t for *_, t in params_q],
-                       [g[0] for g in groups.values()], [g[1] for g in groups.values()], probes)
-    _EMA_CACHE[encoder_k] = cached
-    return cached
-
-
-@torch.no_grad()
-def momentum_update(encoder_k: nn.Module, encoder_q: nn.Module, momentum: float) -> None:
-    """EMA ``p_k = m p_k + (1 - m) p_q`` for every parameter (trunk, MPH, head) in one fused foreach call.
+class KeyEncoderEMA:
+    """The momentum update of the key encoder, ``p_k = m p_k + (1 - m) p_q`` for every parameter (trunk,
+    MPH, head), in one fused foreach call; it holds the tensor lists so a step costs two or three launches.
 
     Buffers (BN running statistics) are copied from the query encoder instead of averaged: the key encoder
     always runs in train mode (batch statistics, shuffle-BN), so its running stats are only ever read if
     someone evaluates or exports ``encoder_k``, and then the query's statistics (measured on unmasked and
     masked views with the live weights) are the coherent choice; averaging ``num_batches_tracked`` would
-    make no sense. The tensor lists are cached per key encoder (a weak reference) and rebuilt only when
-    ``.to()`` / ``.cuda()`` replaced the tensors, so a step costs two or three foreach launches.
-    ``encoder_q`` may be DDP- or ``torch.compile``-wrapped.
+    make no sense. The lists are rebuilt when ``.to()`` / ``.cuda()`` replaced the tensors (checked on
+    one tensor of each list per call). ``encoder_q`` may be DDP- or ``torch.compile``-wrapped.
     """
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    lists = _ema_lists(unwrap(encoder_k), unwrap(encoder_q))
-    torch._foreach_lerp_(lists.params_k, lists.params_q, 1.0 - momentum)
-    for buffers_k, buffers_q in zip(lists.buffers_k, lists.buffers_q):
-        torch._foreach_copy_(buffers_k, buffers_q)
+
+    def __init__(self, encoder_k: nn.Module, encoder_q: nn.Module):
+        self.encoder_k, self.encoder_q = unwrap(encoder_k), unwrap(encoder_q)
+        self._lists = self._build()
+
+    @torch.no_grad()
+    def __call__(self, momentum: float) -> None:
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+        if not all(owner.get(name) is t for owner, name, t in self._probes):
+            self._lists = self._build()
+        params_k, params_q, buffers_k, buffers_q = self._lists
+        torch._foreach_lerp_(params_k, params_q, 1.0 - momentum)
+        for group_k, group_q in zip(buffers_k, buffers_q):
+            torch._foreach_copy_(group_k, group_q)
+
+    def _build(self) -> tuple[list, list, list, list]:
+        params_k, params_q = _named(self.encoder_k, "parameters"), _named(self.encoder_q, "parameters")
+        buffers_k, buffers_q = _named(self.encoder_k, "buffers"), _named(self.encoder_q, "buffers")
+        shapes = lambda entries: [(name, t.shape, t.dtype) for _, name, t in entries]  # noqa: E731
+        if shapes(params_k) != shapes(params_q) or shapes(buffers_k) != shapes(buffers_q):
+            raise ValueError("encoder_k and encoder_q must have the same parameters and buffers (use build_key_encoder)")
+        groups: dict = {}  # one buffer list per dtype, so every foreach call takes its fast path
+        for (_, _, b_k), (_, _, b_q) in zip(buffers_k, buffers_q):
+            groups.setdefault(b_k.dtype, ([], []))[0].append(b_k)
+            groups[b_k.dtype][1].append(b_q)
+        # (dict, name, tensor): tells when .to()/.cuda() replaced the listed tensors
+        self._probes = [entries[0] for entries in (params_k, params_q, buffers_k, buffers_q) if entries]
+        return ([t for *_, t in params_k], [t for *_, t in params_q],
+                [g[0] for g in groups.values()], [g[1] for g in groups.values()])
+
+
+def momentum_update(encoder_k: nn.Module, encoder_q: nn.Module, momentum: float) -> None:
+    """One EMA update (see :class:`KeyEncoderEMA`; a loop keeps one of those instead of calling this)."""
+    KeyEncoderEMA(encoder_k, encoder_q)(momentum)
 
 
 def backbone_state_dict(encoder: nn.Module | Mapping) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib
 import signal
 from dataclasses import dataclass, fields
-from typing import Optional
+from typing import Iterator, Optional, Protocol, runtime_checkable
 
 import numpy
 import torch
@@ -52,6 +52,31 @@ class Batch:
         return self.view_q.shape[0]
 
 
+@runtime_checkable
+class Loader(Protocol):
+    """What every backend's :func:`build_loader` returns (the trainer, bench and evaluation rely on nothing else).
+
+    ``iter(loader)`` yields this rank's :class:`Batch` es of one epoch, on the training device.
+    """
+
+    skipped: int  # unreadable images replaced by another one so far (every occurrence), this process
+
+    def __len__(self) -> int:
+        """Steps per epoch on this rank: the same on every rank (the last partial global batch is dropped)."""
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The steps of the epoch set by :meth:`set_epoch` (else the next one), from its ``skip_batches``."""
+
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """Iterate ``epoch`` next, starting at step ``skip_batches``: the samples the uninterrupted run sees there."""
+
+    def fingerprint(self) -> dict:
+        """What is read: ``{"images": count, "listing_sha256": ...}`` (stored in checkpoints, compared on resume)."""
+
+    def close(self) -> None:
+        """Release workers or threads now (a later pass starts them again)."""
+
+
 # name -> "module:function"; imported lazily so that a missing optional backend (DALI, FFCV) only
 # fails when it is asked for, with a message that says how to install it.
 BACKENDS = {
@@ -84,7 +109,7 @@ def build_loader(
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
     flip_prob: float = 0.5,
     **backend_options,
-):
+) -> Loader:
     """Build the loader of ``backend`` over ``source``; see the module docstring for its protocol.
 
     source: an ImageFolder root, a flat folder of images, a ``.txt`` list of image paths, or what the

@@ -192,6 +192,10 @@ class DaliLoader:
     def __len__(self) -> int:
         return self.size // (self.batch_size * self.world_size)
 
+    def close(self) -> None:
+        """Nothing to release between passes: each pass builds its DALI pipelines and frees them as it ends
+        (also when the consumer stops early); the temporary folder goes with the loader."""
+
     def fingerprint(self) -> dict:
         """The data: image count and a hash of the listing (the images, or the shards' names)."""
         return fingerprint(self._paths if self.images is not None else self.tars, self.size)

@@ -148,6 +148,13 @@ class FFCVLoader:
     def __len__(self) -> int:
         return self.order.steps
 
+    skipped = 0  # the writer checked every image: a .beton holds no unreadable one
+
+    def close(self) -> None:
+        """End a pass that is still loading (a consumer that stopped early); the next pass starts a new one."""
+        _stop(self._running)
+        self._running = None
+
     def fingerprint(self) -> dict:
         """The data: sample count and a hash of the stored image sizes (the .beton's own listing)."""
         return fingerprint((f"{h}x{w}" for h, w in zip(self._heights, self._widths)), self.info.num_samples)

@@ -76,13 +76,14 @@ def test_momentum_update_is_the_lerp_on_params_and_copies_buffers():
         assert torch.equal(t, state_q[name]), name
 
 
-def test_momentum_update_follows_tensors_replaced_by_to():
+def test_key_encoder_ema_follows_tensors_replaced_by_to():
     encoder_q = small_encoder(mph="none")
     encoder_k = model.build_key_encoder(encoder_q)
-    model.momentum_update(encoder_k, encoder_q, 0.5)  # caches the float32 tensors
+    ema = model.KeyEncoderEMA(encoder_k, encoder_q)
+    ema(0.5)  # holds the float32 tensors
     encoder_q.double(), encoder_k.double()  # replaces buffers (and parameter data) with float64 ones
     perturb_(encoder_q, seed=2)
-    model.momentum_update(encoder_k, encoder_q, 0.0)
+    ema(0.0)
     for (name, t_k), t_q in zip(encoder_k.state_dict().items(), encoder_q.state_dict().values()):
         assert torch.equal(t_k, t_q), name
 
