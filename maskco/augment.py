@@ -45,9 +45,15 @@ class PhotometricParams(NamedTuple):
     sigma: torch.Tensor
 
 
+# MoCo v2's colour augmentation [paper] (the Config's defaults are these)
+JITTER = (0.4, 0.4, 0.4, 0.1)  # ColorJitter brightness, contrast, saturation, hue
+JITTER_PROB, GRAY_PROB, BLUR_PROB = 0.8, 0.2, 0.5
+BLUR_SIGMA = (0.1, 2.0)
+
+
 def sample_photometric(n: int, generator: Optional[torch.Generator], device: torch.device | str, *,
-                       jitter=(0.4, 0.4, 0.4, 0.1), jitter_prob: float = 0.8, gray_prob: float = 0.2,
-                       blur_prob: float = 0.5, blur_sigma=(0.1, 2.0)) -> PhotometricParams:
+                       jitter=JITTER, jitter_prob: float = JITTER_PROB, gray_prob: float = GRAY_PROB,
+                       blur_prob: float = BLUR_PROB, blur_sigma=BLUR_SIGMA) -> PhotometricParams:
     """Draw MoCo v2's colour augmentation for ``n`` samples, independently per sample.
 
     Semantics of ``RandomApply([ColorJitter(*jitter)], p=jitter_prob), RandomGrayscale(gray_prob),

@@ -47,12 +47,14 @@ class Run:
     ckpt_every: int
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> bf16 on GPU, fp32 on CPU (CPU autocast is slower than fp32 for convs); else as given."""
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+
+
 def amp_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast by default on GPU, fp32 on CPU (CPU autocast is slower than fp32 for convs)."""
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+    """The autocast dtype of ``cfg.precision`` on ``device`` (None: no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[resolve_precision(cfg.precision, device)]
 
 
 def resolve_data(cfg: Config, local_rank: int) -> str:

@@ -14,6 +14,10 @@ from dataclasses import dataclass, fields
 
 import yaml
 
+import pipelines
+from maskco import augment
+from maskco.model import MPH_KINDS, ROI_CENTERINGS
+
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
 
@@ -21,15 +25,16 @@ class ConfigError(ValueError):
     """A preset or override names an unknown key or gives a bad value."""
 
 
+# the values a string key takes; where a module owns the list, it is that module's
 CHOICES = {
     "method": ("maskco", "mocov2"),
-    "mph": ("attn", "conv", "none"),
-    "mask_mode": ("zero", "noise", "blur", "none"),
+    "mph": MPH_KINDS,
+    "mask_mode": augment.MASK_MODES,
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "momentum_schedule": ("constant", "cosine"),
     "key_bn": ("shuffle", "sync", "local"),
-    "roi_centering": ("receptive", "half_pixel"),
-    "backend": ("torch", "ffcv", "dali", "dali-cpu"),
+    "roi_centering": ROI_CENTERINGS,
+    "backend": tuple(pipelines.BACKENDS),
     "device": ("auto", "cpu", "cuda"),
 }
 
@@ -67,14 +72,14 @@ class Config:
     mask_mode: str = "zero"  # zero | noise | blur | none (the paper's no-mask ablation)
     # ---- views (DESIGN 4.1): MoCo v2 augmentations
     image_size: int = 224  # view side in pixels
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # random resized crop area fraction
-    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # random resized crop aspect
+    crop_scale: tuple[float, float] = pipelines.CROP_SCALE  # random resized crop area fraction (0.2, 1.0)
+    crop_ratio: tuple[float, float] = pipelines.CROP_RATIO  # random resized crop aspect (3/4, 4/3)
     flip_prob: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness contrast saturation hue
-    jitter_prob: float = 0.8
-    gray_prob: float = 0.2
-    blur_prob: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    jitter: tuple[float, float, float, float] = augment.JITTER  # brightness contrast saturation hue (0.4, 0.4, 0.4, 0.1)
+    jitter_prob: float = augment.JITTER_PROB  # 0.8
+    gray_prob: float = augment.GRAY_PROB  # 0.2
+    blur_prob: float = augment.BLUR_PROB  # 0.5
+    blur_sigma: tuple[float, float] = augment.BLUR_SIGMA  # (0.1, 2.0)
     # ---- data
     data: str = "sample"  # dataset path (ImageFolder, flat folder, .txt list, .beton, .tar shards); "sample": built-in sample set
     sample_images: int = 240  # size of the generated sample set when data == "sample"

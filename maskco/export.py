@@ -31,12 +31,10 @@ from torch import nn
 
 from maskco.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from maskco.checkpoint import atomic_write
+from maskco.model import ARCHS  # torchvision's ResNet family; which one a state dict is follows from its key set and shapes
 
 TORCHVISION_FILE = "backbone_torchvision.pth"
 DETECTRON2_FILE = "backbone_detectron2.pkl"
-# torchvision's ResNet family; which one a state dict is follows from its key set and shapes.
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-         "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 # Where each torchvision stage lives in a detectron2 model. C4: the backbone ends at res4 and res5 is the
 # box head (Res5ROIHeads); FPN: the whole ResNet is the bottom-up path of the FPN backbone.
 DETECTRON2_LAYOUTS = {
@@ -52,13 +50,19 @@ def _shapes(state_dict: Mapping) -> dict[str, tuple]:
     return {key: tuple(value.shape) for key, value in state_dict.items()}
 
 
+def random_backbone(arch: str) -> nn.Module:
+    """``torchvision.models.<arch>()`` with random weights and ``fc = Identity``: the random-init baseline
+    (and the shell the readers below load weights into)."""
+    model = getattr(torchvision.models, arch)(weights=None)
+    model.fc = nn.Identity()
+    return model
+
+
 @functools.lru_cache(maxsize=None)
 def _reference(arch: str) -> dict:
     """The state dict of ``torchvision.models.<arch>()`` with fc = Identity, as meta tensors."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        model = getattr(torchvision.models, arch)(weights=None)
-    model.fc = nn.Identity()
-    return model.state_dict()
+        return random_backbone(arch).state_dict()
 
 
 def describe(state_dict: Mapping) -> str:
@@ -125,8 +129,7 @@ def build_backbone(weights: Mapping, arch: str | None = None, path: str = "<stat
         except ValueError:
             found = describe(weights)
         raise ValueError(f"{path}: expected {arch} weights ({describe(_reference(arch))}), found {found}")
-    model = getattr(torchvision.models, arch)(weights=None)
-    model.fc = nn.Identity()
+    model = random_backbone(arch)
     model.load_state_dict(weights, strict=True)
     return model
 

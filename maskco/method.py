@@ -21,32 +21,34 @@ from maskco.model import key_features
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """Plain values the step needs (see maskco/config.py for their meaning)."""
+    """Plain values the step needs, taken from a Config by :meth:`from_config` (their meaning and
+    defaults live in maskco/config.py only)."""
 
-    method: str = "maskco"
-    image_size: int = 224
-    num_negatives: int = 16
-    box_area: tuple = (0.04, 0.25)
-    box_aspect: tuple = (0.5, 2.0)
-    box_min_size: float = 16.0
-    min_overlap: float = 0.04
-    negative_max_iou: float = 0.5
-    mask_mode: str = "zero"
-    jitter: tuple = (0.4, 0.4, 0.4, 0.1)
-    jitter_prob: float = 0.8
-    gray_prob: float = 0.2
-    blur_prob: float = 0.5
-    blur_sigma: tuple = (0.1, 2.0)
-    temperature: float = 0.2
-    intra_negatives: bool = False
-    other_positives: bool = False
-    shuffle_bn: bool = True
-    channels_last: bool = True
+    method: str
+    image_size: int
+    num_negatives: int
+    box_area: tuple
+    box_aspect: tuple
+    box_min_size: float
+    min_overlap: float
+    negative_max_iou: float
+    mask_mode: str
+    jitter: tuple
+    jitter_prob: float
+    gray_prob: float
+    blur_prob: float
+    blur_sigma: tuple
+    temperature: float
+    intra_negatives: bool
+    other_positives: bool
+    channels_last: bool
+    shuffle_bn: bool = True  # not a Config key: the trainer derives it from key_bn
 
     @classmethod
-    def from_config(cls, cfg, shuffle_bn: bool = True) -> "MethodSpec":
+    def from_config(cls, cfg, shuffle_bn: bool = True, **changes) -> "MethodSpec":
+        """The step's values from ``cfg`` (and ``changes``, e.g. in tests)."""
         names = [name for name in cls.__dataclass_fields__ if name != "shuffle_bn"]
-        return cls(**{name: getattr(cfg, name) for name in names}, shuffle_bn=shuffle_bn)
+        return cls(**{**{name: getattr(cfg, name) for name in names}, **changes}, shuffle_bn=shuffle_bn)
 
 
 class Inputs(NamedTuple):

@@ -13,6 +13,7 @@ that step, seeing the same samples the uninterrupted run would have seen next.
 from __future__ import annotations
 
 import importlib
+import os
 import signal
 from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Protocol, runtime_checkable
@@ -50,6 +51,23 @@ class Batch:
 
     def __len__(self) -> int:
         return self.view_q.shape[0]
+
+
+# MoCo v2's random resized crop [paper], used by every backend; the Config's defaults are these.
+CROP_SCALE = (0.2, 1.0)  # area fraction of the source image
+CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio
+
+
+def process_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM or container limit)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(cap: Optional[int] = None) -> int:
+    """A backend's decode workers when none are asked for: this process's CPUs shared by the ranks of
+    the node (LOCAL_WORLD_SIZE), at least 1, at most ``cap``."""
+    workers = max(1, process_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(workers, cap) if cap else workers
 
 
 @runtime_checkable
@@ -105,8 +123,8 @@ def build_loader(
     world_size: int = 1,
     seed: int = 0,
     workers: Optional[int] = None,
-    crop_scale: tuple[float, float] = (0.2, 1.0),
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    crop_scale: tuple[float, float] = CROP_SCALE,
+    crop_ratio: tuple[float, float] = CROP_RATIO,
     flip_prob: float = 0.5,
     **backend_options,
 ) -> Loader:

@@ -67,7 +67,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-from pipelines import Batch, check_common_args, check_position, epoch_shard
+from pipelines import CROP_RATIO, CROP_SCALE, Batch, check_common_args, check_position, default_workers, epoch_shard
 from pipelines.dali_bad_images import check_images, named_in_message
 from pipelines.dali_webdataset import (WDS_IMAGE_EXT, count_shards, parse_labels, read_shards, shard_samples,
                                        tar_shards)
@@ -82,7 +82,7 @@ MAX_SKIPPED_PATHS = 20
 def build_dali_loader(
     source: str, *, batch_size: int, image_size: int, device: torch.device, rank: int = 0,
     world_size: int = 1, seed: int = 0, workers: Optional[int] = None,
-    crop_scale: tuple[float, float] = (0.2, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    crop_scale: tuple[float, float] = CROP_SCALE, crop_ratio: tuple[float, float] = CROP_RATIO,
     flip_prob: float = 0.5, prefetch: int = 2, cpu_only: Optional[bool] = None, strict_data: bool = False,
     hw_decoder_load: float = 0.65, shuffle_buffer: int = 4096, timeout: float = 0.0, **unused,
 ) -> "DaliLoader":
@@ -104,8 +104,7 @@ def build_dali_loader(
     if gpu and device.type != "cuda":
         raise ValueError(f"cpu_only=False needs a CUDA device, got device {device}")
     if workers is None or workers < 0:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        workers = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        workers = default_workers()
     tars = tar_shards(str(source))
     images = None if tars is not None else list_images(source)
     device_id = (torch.cuda.current_device() if device.index is None else device.index) if gpu else None

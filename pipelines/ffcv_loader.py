@@ -29,7 +29,6 @@ default place. FFCV sets torch's intra-op thread count to ``workers``.
 """
 from __future__ import annotations
 
-import os
 import queue
 from typing import Optional
 from unittest import mock
@@ -45,7 +44,7 @@ from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.pipeline_spec import PipelineSpec
 from ffcv.transforms import ToDevice, ToTensor
 
-from pipelines import Batch, check_common_args, check_position, epoch_shard
+from pipelines import CROP_RATIO, CROP_SCALE, Batch, check_common_args, check_position, default_workers, epoch_shard
 from pipelines.ffcv_ops import (HAS_LINEAR, INTERPOLATIONS, TwoViewDecoder, _cache_kernels_in, crop_rows,
                                 window_params)
 from pipelines.ffcv_writer import BetonInfo, check_beton
@@ -57,7 +56,7 @@ ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM
 def build_ffcv_loader(
     source: str, *, batch_size: int, image_size: int, device: torch.device, rank: int = 0,
     world_size: int = 1, seed: int = 0, workers: Optional[int] = None,
-    crop_scale: tuple[float, float] = (0.2, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    crop_scale: tuple[float, float] = CROP_SCALE, crop_ratio: tuple[float, float] = CROP_RATIO,
     flip_prob: float = 0.5, order: str = "random", os_cache: bool = True, batches_ahead: int = 3,
     interpolation: str = "auto", cache_dir: Optional[str] = None, **_other_backend_options,
 ) -> "FFCVLoader":
@@ -82,9 +81,7 @@ def build_ffcv_loader(
         raise DataError(f"FFCV dataset {source} has {info.num_samples} samples, fewer than one global "
                         f"batch (batch_size {batch_size} x world_size {world_size})")
     if workers is None or workers < 1:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        workers = max(1, min(numba.config.NUMBA_NUM_THREADS,
-                             (cpus or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        workers = default_workers(cap=numba.config.NUMBA_NUM_THREADS)
     elif workers > numba.config.NUMBA_NUM_THREADS:
         raise ValueError(f"workers must be at most {numba.config.NUMBA_NUM_THREADS} (numba's thread pool, "
                          f"NUMBA_NUM_THREADS), got {workers}")

@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from pipelines import process_cpus
 from pipelines.sources import UNREADABLE, DataError, ImageList, list_images
 
 WRITE_MODES = ("jpg", "raw", "proportion")
@@ -86,7 +87,7 @@ def write_beton(
 
     _check_args(write_mode, max_resolution, jpeg_quality, compress_probability, workers)
     if workers is None:
-        workers = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        workers = process_cpus()
     start = time.perf_counter()
     images, skipped = list_source(source)
     summary = WriteSummary(out_path=os.path.abspath(out_path), skipped=skipped)

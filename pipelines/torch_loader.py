@@ -17,7 +17,6 @@ raises :class:`DataError` instead.
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from typing import NamedTuple, Optional
 
@@ -26,7 +25,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from pipelines import Batch, check_common_args, check_position, epoch_shard, ignore_stop_signals
+from pipelines import (CROP_RATIO, CROP_SCALE, Batch, check_common_args, check_position, default_workers,
+                       epoch_shard, ignore_stop_signals)
 from pipelines.sources import UNREADABLE, DataError, ImageList, fingerprint, list_images
 
 # What PIL raises for a file that is not a readable image: missing / zero-byte / non-image
@@ -39,7 +39,7 @@ EVAL_CROP = 0.875  # eval view: resize the shorter side to S / 0.875, centre-cro
 def build_torch_loader(
     source: str, *, batch_size: int, image_size: int, device: torch.device, rank: int = 0,
     world_size: int = 1, seed: int = 0, workers: Optional[int] = None,
-    crop_scale: tuple[float, float] = (0.2, 1.0), crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    crop_scale: tuple[float, float] = CROP_SCALE, crop_ratio: tuple[float, float] = CROP_RATIO,
     flip_prob: float = 0.5, strict_data: bool = False, eval_mode: bool = False, draft: bool = True,
     prefetch_factor: int = 2, pin_memory: Optional[bool] = None, timeout: float = 600.0,
 ) -> "TorchLoader":
@@ -62,8 +62,7 @@ def build_torch_loader(
         raise DataError(f"data source {source} has {len(images)} images, fewer than one global batch "
                         f"(batch_size {batch_size} x world_size {world_size})")
     if workers is None or workers < 0:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        workers = max(1, min(8, (cpus or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+        workers = default_workers(cap=8)
     dataset = TwoViewDataset(images, image_size, crop_scale, crop_ratio, flip_prob, seed,
                              strict_data, eval_mode, draft)
     sampler = ResumableBatchSampler(len(images), batch_size, rank, world_size, seed,

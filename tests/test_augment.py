@@ -319,12 +319,14 @@ def test_ready_inputs_do_not_depend_on_the_precision_flag():
     """Augmentation is fp32 even when the step's caller is under bf16 autocast (only encoders autocast)."""
     import pipelines
     from maskco.method import MethodSpec, ready_inputs
+    from maskco.config import Config
 
     generator = torch.Generator().manual_seed(0)
     views = torch.randint(0, 256, (2, 4, 3, 64, 64), dtype=torch.uint8, generator=generator)
     crops = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0], [0.1, 0.0, 0.9, 1.0, 1.0]]).repeat(2, 1)  # [4, 5]
     batch = pipelines.Batch(views[0], views[1], crops, crops.flip(0))
-    spec = MethodSpec(image_size=64, num_negatives=2, box_min_size=8.0, blur_prob=1.0, jitter_prob=1.0)
+    spec = MethodSpec.from_config(Config(), image_size=64, num_negatives=2, box_min_size=8.0, blur_prob=1.0,
+                                  jitter_prob=1.0)
     plain = ready_inputs(batch, spec, torch.Generator().manual_seed(1))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = ready_inputs(batch, spec, torch.Generator().manual_seed(1))

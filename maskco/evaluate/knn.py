@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 import pipelines
 from maskco import dist
+from maskco.build import resolve_precision
 from maskco.evaluate.features import check_labels, images_and_labels, prepare_images, source_classes
 
 
@@ -152,7 +153,7 @@ def knn_monitor(backbone: nn.Module, train_source: str, val_source: str, image_s
     device = torch.device(device)
     for source, split in ((train_source, "knn train"), (val_source, "knn val")):
         source_classes(source, split)  # unlabelled -> a clear error before any decoding
-    precision = ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+    precision = resolve_precision(precision, device)
     loaders = [pipelines.build_loader(backend, source, batch_size=batch_size, image_size=image_size, device=device,
                                       rank=rank, world_size=world_size, workers=workers, eval_mode=True)
                for source in (train_source, val_source)]
@@ -160,9 +161,8 @@ def knn_monitor(backbone: nn.Module, train_source: str, val_source: str, image_s
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import torchvision  # here, not at the top: the monitor itself needs neither (light to import)
 
-    from maskco.export import ARCHS, load_backbone
+    from maskco.export import ARCHS, load_backbone, random_backbone
 
     parser = argparse.ArgumentParser(prog="python -m maskco.evaluate.knn", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     info = dist.init_distributed(None if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
     if args.random_init:
-        backbone = getattr(torchvision.models, args.arch)(weights=None)
-        backbone.fc = nn.Identity()
+        backbone = random_backbone(args.arch)
     else:
         backbone = load_backbone(args.checkpoint, args.arch)
     result = knn_monitor(backbone.to(info.device), args.train, args.val, args.image_size, info.device,

@@ -35,16 +35,16 @@ import time
 from collections import OrderedDict
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
 
 import pipelines
 from maskco import checkpoint, dist
+from maskco.build import resolve_precision
 from maskco.evaluate.features import (POOLINGS, PROTOCOLS, MultiLayerFeatures, check_labels, images_and_labels,
                                       source_classes)
 from maskco.evaluate.linear_augment import COLOR_JITTER, LIGHTING_STD, TrainAugment
-from maskco.export import ARCHS, load_backbone
+from maskco.export import ARCHS, load_backbone, random_backbone
 from maskco.model import unwrap
 from maskco.runlog import RunLog, git_revision
 
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> dict:
     device, world_size = info.device, info.world_size
     if args.batch_size % world_size:
         raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world_size} ranks")
-    precision = ("bf16" if device.type == "cuda" else "fp32") if args.precision == "auto" else args.precision
+    precision = resolve_precision(args.precision, device)
     torch.manual_seed(args.seed)  # same heads (and random backbone) on every rank
     log = RunLog(args.out_dir, enabled=info.rank == 0)
     log.write({"config": {**vars(args), "precision": precision}, "git": git_revision(), "world_size": world_size,
@@ -287,8 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- model: frozen backbone, trainable heads
     if args.random_init:
-        backbone = getattr(torchvision.models, args.arch)(weights=None)
-        backbone.fc = nn.Identity()
+        backbone = random_backbone(args.arch)
     else:
         backbone = load_backbone(args.checkpoint, args.arch)
     features = MultiLayerFeatures(backbone.to(device), args.protocol, args.pooling, precision)
