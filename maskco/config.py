@@ -69,12 +69,12 @@ class Config:
     image_size: int = 224  # view side in pixels
     crop_scale: tuple[float, float] = (0.2, 1.0)  # random resized crop area fraction
     crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)  # random resized crop aspect
-    flip_prob: float = 0.5
+    flip_prob: float = 0.5  # horizontal flip probability, per view
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness contrast saturation hue
-    jitter_prob: float = 0.8
-    gray_prob: float = 0.2
-    blur_prob: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    jitter_prob: float = 0.8  # probability of the colour jitter
+    gray_prob: float = 0.2  # probability of grayscale
+    blur_prob: float = 0.5  # probability of the Gaussian blur
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # Gaussian blur sigma range, pixels
     # ---- data
     data: str = "sample"  # dataset path (ImageFolder, flat folder, .txt list, .beton, .tar shards); "sample": built-in sample set
     sample_images: int = 240  # size of the generated sample set when data == "sample"
@@ -84,26 +84,26 @@ class Config:
     strict_data: bool = False  # stop on a corrupt image instead of skipping and counting it
     # ---- optimisation (DESIGN 4.7)
     batch_size: int = 32  # images per GPU (per process) [paper]
-    epochs: int = 200
+    epochs: int = 200  # passes over the data; the lr and momentum schedules span them all
     max_steps: int = 0  # stop after this many steps in total (0: all epochs); schedules still span all epochs
     base_lr: float = 0.03  # lr per 256 images; peak lr = base_lr * global batch / 256
     min_lr: float = 0.0  # cosine end value
     warmup_epochs: float = 10.0  # linear warm-up from 0
     weight_decay: float = 1e-4  # on >= 2-D weights; 1-D parameters (BN, biases) too only if weight_decay_all
     weight_decay_all: bool = False  # also decay 1-D parameters (MoCo v2 decays every parameter)
-    sgd_momentum: float = 0.9
+    sgd_momentum: float = 0.9  # SGD momentum
     # ---- speed (DESIGN 5)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (+ GradScaler) | fp32
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory format for the convolutions
     compile: bool = False  # torch.compile the query encoder
     # ---- run
-    seed: int = 0
-    out_dir: str = "runs/maskco"
+    seed: int = 0  # seeds the model init, the data order and every random draw of the method
+    out_dir: str = "runs/maskco"  # log, checkpoint and exports; a command line that changes the model gets <out_dir>-<key>-<value>
     resume: str = "auto"  # auto (latest checkpoint in out_dir, if any) | none | a checkpoint path
     log_every: int = 10  # steps between log lines (the only host syncs of the loop)
     ckpt_every: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
-    tensorboard: bool = False
+    tensorboard: bool = False  # also write TensorBoard scalars to out_dir/tb (needs EXTRAS=...,tensorboard)
     knn_every: int = 0  # kNN monitor every N epochs (0: off); needs knn_train and knn_val
     knn_train: str = ""  # labelled train split for the kNN monitor
     knn_val: str = ""  # labelled val split for the kNN monitor
@@ -148,6 +148,11 @@ def _coerce(key: str, value, where: str):
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
     elif kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string: take every spelling float() does
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         value = float(value)
