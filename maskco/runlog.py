@@ -2,9 +2,10 @@
 lines (and a progress bar on stderr); JSON lines on stdout when it is not a terminal (a pipe, a file,
 a test) or with ``--json``. Optional TensorBoard. Other ranks log nothing.
 
-Records written before training starts (the config header, the resume decision) are held back and
-reach ``log.jsonl`` only with the first record written once training has started: a run that fails
-while starting (bad data, an incompatible checkpoint) leaves the log as it was.
+With ``hold=True`` (the trainer), records written before training starts (the config header, the
+resume decision) are held back and reach ``log.jsonl`` only with the first record written once training
+has started: a run that fails while starting (bad data, an incompatible checkpoint) leaves the log as
+it was.
 """
 from __future__ import annotations
 
@@ -62,8 +63,8 @@ def _loss(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def human(record: dict, total_steps: int = 0) -> str | None:
-    """The line a person reads on a terminal for one record (None: nothing to show)."""
+def train_lines(record: dict, total_steps: int = 0) -> str | None:
+    """The trainer's records as a person reads them on a terminal (None: nothing to show)."""
     r = record
     if "config" in r:
         c = r["config"]
@@ -90,15 +91,15 @@ def human(record: dict, total_steps: int = 0) -> str | None:
         return line + (f"  skipped images {r['skipped_images']}" if r.get("skipped_images") else "")
     if "knn_top1" in r:
         return f"epoch {r.get('epoch')}  kNN top-1 {r['knn_top1']:.1f} %"
+    if r.get("finished"):
+        where = f"checkpoint {r.get('checkpoint')}" + (f", backbone {r['exported']}" if r.get("exported") else "")
+        return (f"finished  {r['step']} steps in {_duration(r.get('seconds', 0))}; loss {_loss(r.get('first_loss'))}"
+                f" -> {_loss(r.get('last_loss'))}; {where}")
     if "exported" in r:
         return None  # said by the summary
     if "interrupted" in r:
         return (f"interrupted by {r['interrupted']} at step {r.get('step')}; checkpoint {r.get('checkpoint')}; "
                 f"{r.get('hint', '')}").rstrip("; ")
-    if r.get("finished"):
-        where = f"checkpoint {r.get('checkpoint')}" + (f", backbone {r['exported']}" if r.get("exported") else "")
-        return (f"finished  {r['step']} steps in {_duration(r.get('seconds', 0))}; loss {_loss(r.get('first_loss'))}"
-                f" -> {_loss(r.get('last_loss'))}; {where}")
     if "already_finished" in r:
         return (f"already finished at step {r['already_finished']} ({r.get('out_dir')}); nothing to do: "
                 "use --resume=none or another --out_dir")
@@ -106,21 +107,23 @@ def human(record: dict, total_steps: int = 0) -> str | None:
 
 
 class RunLog:
-    """``json_stdout``: JSON lines on stdout (None: when stdout is not a terminal); human lines otherwise."""
+    """``lines``: record -> text for a terminal (e.g. :func:`train_lines`); without it stdout gets JSON.
+    ``json_stdout``: JSON on stdout even so (None: when stdout is not a terminal). ``hold``: see above."""
 
-    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = False,
-                 json_stdout: bool | None = None):
+    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = False, lines=None,
+                 json_stdout: bool | None = None, hold: bool = False):
         self.enabled = enabled
         self.path = os.path.join(out_dir, "log.jsonl")
         self.file = None
         self.writer = None
         self.bar = None
         self.pending: list[str] = []  # JSON lines held back until training has started
-        self.started = False
+        self.started = not hold
+        self.lines = lines
         self.total_steps = 0
         if not enabled:
             return
-        self.json_stdout = not sys.stdout.isatty() if json_stdout is None else json_stdout
+        self.json_stdout = lines is None or (not sys.stdout.isatty() if json_stdout is None else json_stdout)
         check_writable(out_dir)
         if tensorboard:
             try:
@@ -157,7 +160,7 @@ class RunLog:
         """The terminal's view of a record only (log.jsonl is not touched)."""
         if not self.enabled:
             return
-        text = json.dumps(record, default=str) if self.json_stdout else human(record, self.total_steps)
+        text = json.dumps(record, default=str) if self.json_stdout else self.lines(record, self.total_steps)
         if text is not None:
             if self.bar is not None:
                 self.bar.write(text, file=sys.stdout)

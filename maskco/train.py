@@ -15,12 +15,12 @@ import torch
 import pipelines
 from pipelines import DataError
 from maskco import checkpoint, cli as grammar, dist
-from maskco.build import Run, build_run, resolve_data
+from maskco.build import Run, amp_dtype, build_run, resolve_data
 from maskco.config import Config, ConfigError, build_config, global_batch, method_label, peak_lr
 from maskco.engine import LoopState, train
 from maskco.export import TORCHVISION_FILE, export_torchvision
 from maskco.model import unwrap
-from maskco.runlog import RunLog, git_revision, signal_name
+from maskco.runlog import RunLog, git_revision, signal_name, train_lines
 
 
 SUMMARY = """MaskCo pretraining: presets (later ones win), then config keys (later ones win). Resumes from
@@ -101,11 +101,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    log = RunLog(cfg.out_dir, enabled=info.rank == 0, tensorboard=cfg.tensorboard,
-                 json_stdout=True if parsed.options["json"] else None)
+    log = RunLog(cfg.out_dir, enabled=info.rank == 0, tensorboard=cfg.tensorboard, lines=train_lines,
+                 json_stdout=True if parsed.options["json"] else None, hold=True)
     log.write({"config": cfg.to_dict(), "git": git_revision(), "world_size": world_size, "device": str(device),
                "torch": torch.__version__, "global_batch": global_batch(cfg, world_size),
                "peak_lr": peak_lr(cfg, world_size), "presets": parsed.presets, "method": method_label(cfg),
+               "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(cfg, device)],
                "out_dir_note": out_dir_note})
     if cfg.backend == "dali" and device.type != "cuda":
         log.write({"warning": "backend dali without a GPU: DALI decodes on the CPU here (as --backend=dali-cpu)"})
