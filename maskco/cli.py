@@ -175,9 +175,10 @@ def config_help() -> str:
             usage = f"--{name} {_type_name(hints[name])}"
         if name in CHOICES and "|" not in text:
             text = f"{text}; one of {' | '.join(CHOICES[name])}".lstrip("; ")
-        text = f"{text} (default: {_shown(default)})".lstrip()
+        text = f"{text} (default:\0{_shown(default)})".lstrip()  # \0: no line break inside "(default: x)"
         lines.append(f"    {usage}")
-        lines.extend(textwrap.wrap(text, width=100, initial_indent=" " * 8, subsequent_indent=" " * 8))
+        lines.extend(line.replace("\0", " ") for line in
+                     textwrap.wrap(text, width=100, initial_indent=" " * 8, subsequent_indent=" " * 8))
     return "\n".join(lines)
 
 
