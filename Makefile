@@ -36,6 +36,12 @@ else
 RDZV := --nnodes=$(NODES) --rdzv_backend=c10d --rdzv_endpoint=$(RDZV_ENDPOINT) --rdzv_id=maskco
 endif
 MULTI := $(filter-out 0 1,$(GPUS))$(filter-out 1,$(NODES))
+# several GPUs: refuse (one line, exit 2) where this machine has fewer, or where the ImageNet preset would
+# train on the sample images (no DATA, no CONFIG given); see maskco/machine.py
+CONFIG_GIVEN := $(if $(filter command line environment,$(origin CONFIG)),--config-given,)
+MACHINE_CHECK := $(if $(filter-out 0 1,$(GPUS)),$(PY) -m maskco.machine --gpus=$(GPUS) --data="$(DATA)" --config=$(CONFIG) $(CONFIG_GIVEN),true)
+# pip's output (the editable-install banner, root and version notices) goes to a log, shown only on failure
+PIP_QUIET = --disable-pip-version-check > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 # RESTARTS: torchrun relaunches every worker after one dies, up to N times; each relaunch resumes from
 # the last checkpoint (multi-GPU / multi-node runs only)
 LAUNCH := $(if $(MULTI),$(VENV)/bin/torchrun --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS) $(RDZV),$(PY))
@@ -44,16 +50,19 @@ LAUNCH := $(if $(MULTI),$(VENV)/bin/torchrun --nproc_per_node=$(GPUS) --max-rest
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(TORCH_PINS)
+	@echo "installing into $(VENV) (pip log: $(VENV)/pip.log)"
+	@$(PY) -m pip install -q --upgrade pip $(PIP_QUIET)
+	@$(PY) -m pip install -q $(TORCH_PINS) $(PIP_QUIET)
+	@$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(TORCH_PINS) $(PIP_QUIET)
 	touch $@
 
-# `make venv EXTRAS=dev,ffcv,dali` adds optional backends to the environment
+# `make venv EXTRAS=dev,ffcv,dali,tensorboard` adds optional backends (and TensorBoard) to the environment
 venv: $(VENV)/.installed
-	$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(TORCH_PINS)
+	@echo "pip install -e .[$(EXTRAS)] into $(VENV) (pip log: $(VENV)/pip.log)"
+	@$(PY) -m pip install -q -e ".[$(EXTRAS)]" $(TORCH_PINS) $(PIP_QUIET)
 
 pretrain: $(VENV)/.installed
+	@$(MACHINE_CHECK)
 	$(LAUNCH) -m maskco.train $(CONFIG) --backend=$(BACKEND) $(DATA_ARG) $(ARGS)
 
 test: $(VENV)/.installed

@@ -72,14 +72,14 @@ class Config:
     mask_mode: str = "zero"  # zero | noise | blur | none (the paper's no-mask ablation)
     # ---- views (DESIGN 4.1): MoCo v2 augmentations
     image_size: int = 224  # view side in pixels
-    crop_scale: tuple[float, float] = pipelines.CROP_SCALE  # random resized crop area fraction (0.2, 1.0)
-    crop_ratio: tuple[float, float] = pipelines.CROP_RATIO  # random resized crop aspect (3/4, 4/3)
-    flip_prob: float = 0.5
-    jitter: tuple[float, float, float, float] = augment.JITTER  # brightness contrast saturation hue (0.4, 0.4, 0.4, 0.1)
-    jitter_prob: float = augment.JITTER_PROB  # 0.8
-    gray_prob: float = augment.GRAY_PROB  # 0.2
-    blur_prob: float = augment.BLUR_PROB  # 0.5
-    blur_sigma: tuple[float, float] = augment.BLUR_SIGMA  # (0.1, 2.0)
+    crop_scale: tuple[float, float] = pipelines.CROP_SCALE  # random resized crop area fraction [paper: (0.2, 1.0)]
+    crop_ratio: tuple[float, float] = pipelines.CROP_RATIO  # random resized crop aspect [paper: (3/4, 4/3)]
+    flip_prob: float = 0.5  # horizontal flip probability, per view
+    jitter: tuple[float, float, float, float] = augment.JITTER  # colour jitter brightness contrast saturation hue [paper: (0.4, 0.4, 0.4, 0.1)]
+    jitter_prob: float = augment.JITTER_PROB  # probability of the colour jitter [paper: 0.8]
+    gray_prob: float = augment.GRAY_PROB  # probability of grayscale [paper: 0.2]
+    blur_prob: float = augment.BLUR_PROB  # probability of the Gaussian blur [paper: 0.5]
+    blur_sigma: tuple[float, float] = augment.BLUR_SIGMA  # Gaussian blur sigma range, pixels [paper: (0.1, 2.0)]
     # ---- data
     data: str = "sample"  # dataset path (ImageFolder, flat folder, .txt list, .beton, .tar shards); "sample": built-in sample set
     sample_images: int = 240  # size of the generated sample set when data == "sample"
@@ -89,29 +89,29 @@ class Config:
     strict_data: bool = False  # stop on a corrupt image instead of skipping and counting it
     # ---- optimisation (DESIGN 4.7)
     batch_size: int = 32  # images per GPU (per process) [paper]
-    epochs: int = 200
+    epochs: int = 200  # passes over the data; the lr and momentum schedules span them all
     max_steps: int = 0  # stop after this many steps in total (0: all epochs); schedules still span all epochs
     base_lr: float = 0.03  # lr per 256 images; peak lr = base_lr * global batch / 256
     min_lr: float = 0.0  # cosine end value
     warmup_epochs: float = 10.0  # linear warm-up from 0
     weight_decay: float = 1e-4  # on >= 2-D weights; 1-D parameters (BN, biases) too only if weight_decay_all
     weight_decay_all: bool = False  # also decay 1-D parameters (MoCo v2 decays every parameter)
-    sgd_momentum: float = 0.9
+    sgd_momentum: float = 0.9  # SGD momentum
     # ---- speed (DESIGN 5)
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (+ GradScaler) | fp32
-    channels_last: bool = True
+    channels_last: bool = True  # NHWC memory format for the convolutions
     compile: bool = False  # torch.compile the query encoder
     # ---- run
-    seed: int = 0
-    out_dir: str = "runs/maskco"
+    seed: int = 0  # seeds the model init, the data order and every random draw of the method
+    out_dir: str = "runs/maskco"  # log, checkpoint and exports; a command line that changes the model gets <out_dir>-<key>-<value>
     resume: str = "auto"  # auto (latest checkpoint in out_dir, if any) | none | a checkpoint path
     log_every: int = 10  # steps between log lines (the only host syncs of the loop)
     ckpt_every: int = 0  # also checkpoint every N steps (0: only at the end of each epoch)
     keep_checkpoints: int = 2  # checkpoint files kept in out_dir, newest first; a damaged newest one falls back to the next
     dist_timeout: float = 1800.0  # seconds a collective waits for the other ranks before the run fails (a hung or lost rank)
     data_timeout: float = 600.0  # seconds to wait for one batch from a loader worker process (torch backend); 0: forever
-    tensorboard: bool = False
+    tensorboard: bool = False  # also write TensorBoard scalars to out_dir/tb (needs EXTRAS=...,tensorboard)
     knn_every: int = 0  # kNN monitor every N epochs (0: off); needs knn_train and knn_val
     knn_train: str = ""  # labelled train split for the kNN monitor
     knn_val: str = ""  # labelled val split for the kNN monitor
@@ -156,6 +156,11 @@ def _coerce(key: str, value, where: str):
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
     elif kind is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string: take every spelling float() does
+            try:
+                value = float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         value = float(value)

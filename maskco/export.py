@@ -17,7 +17,6 @@ matched by suffix.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -29,6 +28,7 @@ import torch
 import torchvision
 from torch import nn
 
+from maskco import cli
 from maskco.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from maskco.checkpoint import atomic_write
 from maskco.model import ARCHS  # torchvision's ResNet family; which one a state dict is follows from its key set and shapes
@@ -203,7 +203,7 @@ def export_detectron2(state_dict: Mapping, path: str, layout: str = "c4") -> Non
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m maskco.export", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m maskco.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="pretraining checkpoint (or an exported torchvision backbone)")
     parser.add_argument("--out-dir", required=True, help="folder for the exported files")
     parser.add_argument("--arch", default=None, help="expected arch (default: from the checkpoint / key shapes)")
@@ -225,5 +225,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as error:  # bad input: one clear line, no traceback
-        raise SystemExit(f"error: {error}") from None
+    except (ValueError, OSError) as error:  # bad input or an unwritable --out-dir: one clear line, exit 2
+        raise SystemExit(cli.fail("maskco.export", error)) from None

@@ -20,13 +20,13 @@ For one fixed budget of steps, identical for every method, on the same Fashion-M
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import sys
 import time
 
+from maskco import cli
 from maskco.config import ConfigError, build_config, method_label
 
 # The trainer's overrides per variant, on top of the preset. MoCo v2 takes the MOCOV2 values of
@@ -51,8 +51,9 @@ RESULTS, FIGURE = "quality.jsonl", "quality.png"
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m maskco.quality", description=__doc__.split("\n\n")[0],
-                                     epilog="Any other --key=value is a trainer override applied to every variant.")
+    parser = cli.ArgumentParser(prog="python -m maskco.quality", description=__doc__.split("\n\n")[0],
+                                epilog="Any other --key=value (or --key value) is a trainer override applied to "
+                                       "every variant; python -m maskco.train --help lists them.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--variants", default="maskco,mocov2,maskco_half_pixel",
                         help=f"comma-separated, from {', '.join(VARIANTS)}")
@@ -65,8 +66,13 @@ def parse_args(argv):
     parser.add_argument("--linear-batch", type=int, help="default: the preset's")
     parser.add_argument("--queue", type=int, help="MoCo v2's queue size (default: the preset's)")
     parser.add_argument("--seed", type=int, default=0)
-    args, overrides = parser.parse_known_args(argv)
-    bad = [arg for arg in overrides if not (arg.startswith("--") and "=" in arg)]
+    args, rest = parser.parse_known_args(argv)
+    try:  # the rest is trainer overrides, in the trainer's grammar
+        trainer = cli.parse_config_args(rest)
+    except ConfigError as error:
+        parser.error(str(error))
+    overrides = trainer.config
+    bad = [arg for arg in overrides if not arg.startswith("--")]
     if bad:
         parser.error(f"unrecognised arguments: {' '.join(bad)} (trainer overrides look like --key=value)")
     names = [name for name in args.variants.split(",") if name]

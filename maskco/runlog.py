@@ -1,12 +1,23 @@
-"""Run logs: JSON lines on rank 0 (stdout and ``out_dir/log.jsonl``), a progress bar on a terminal,
-optional TensorBoard. Other ranks log nothing."""
+"""Run logs on rank 0: every record as a JSON line in ``out_dir/log.jsonl``; on a terminal, short human
+lines (and a progress bar on stderr); JSON lines on stdout when it is not a terminal (a pipe, a file,
+a test) or with ``--json``. Optional TensorBoard. Other ranks log nothing.
+
+With ``hold=True`` (the trainer), records written before training starts (the config header, the
+resume decision) are held back and reach ``log.jsonl`` only with the first record written once training
+has started: a run that fails while starting (bad data, an incompatible checkpoint) leaves the log as
+it was.
+"""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
+
+from maskco.config import ConfigError
 
 
 def git_revision() -> str:
@@ -22,27 +33,111 @@ def git_revision() -> str:
     return (rev + ("-dirty" if dirty else "")) if rev else "unknown"
 
 
+def signal_name(number: int) -> str:
+    """15 -> "SIGTERM" (the number itself where the platform has no name for it)."""
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return str(number)
+
+
+def check_writable(out_dir: str) -> None:
+    """Create ``out_dir`` and write a file in it, so that a read-only or impossible folder is one clear
+    line before anything is built, not a traceback at the first checkpoint."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        raise ConfigError(f"out_dir {out_dir} is not writable ({error.strerror or error}); "
+                          "choose another --out_dir") from None
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else (f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s")
+
+
+def _loss(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def train_lines(record: dict, total_steps: int = 0) -> str | None:
+    """The trainer's records as a person reads them on a terminal (None: nothing to show)."""
+    r = record
+    if "config" in r:
+        c = r["config"]
+        presets = ", ".join(r.get("presets") or []) or "defaults"
+        return "\n".join([
+            f"run       {presets}: {r.get('method', c['method'])}, {c['arch']}, {c['image_size']} px, "
+            f"batch {c['batch_size']} x {r.get('world_size', 1)} process(es), {c['epochs']} epochs",
+            f"device    {r.get('device')} ({r.get('precision', c['precision'])}), world size {r.get('world_size', 1)}",
+            f"out_dir   {c['out_dir']}" + (f"  ({r['out_dir_note']})" if r.get("out_dir_note") else "")])
+    if "steps_per_epoch" in r:
+        images = f"{r['images']} images, " if r.get("images") is not None else ""
+        start = (f"resumed at step {r['start_step']} from {r['resumed_from']}" if r.get("resumed_from")
+                 else "fresh start")
+        return "\n".join([
+            f"data      {r.get('data')}: {images}backend {r.get('backend')}, {r['steps_per_epoch']} steps per epoch",
+            f"start     {start}; training to step {r['stop_step']} (of {r['total_steps']})"])
+    if "resumed_from" in r:
+        return None  # said by the start line
+    if "warning" in r:
+        return f"warning: {r['warning']}"
+    if "loss" in r and "step" in r:
+        line = (f"step {r['step']}/{total_steps or '?'}  loss {r['loss']:.2f}  img/s {r.get('img_per_s', 0):.0f}  "
+                f"data wait {100 * r.get('data_wait', 0):.0f} %")
+        return line + (f"  skipped images {r['skipped_images']}" if r.get("skipped_images") else "")
+    if "knn_top1" in r:
+        return f"epoch {r.get('epoch')}  kNN top-1 {r['knn_top1']:.1f} %"
+    if r.get("finished"):
+        where = f"checkpoint {r.get('checkpoint')}" + (f", backbone {r['exported']}" if r.get("exported") else "")
+        return (f"finished  {r['step']} steps in {_duration(r.get('seconds', 0))}; loss {_loss(r.get('first_loss'))}"
+                f" -> {_loss(r.get('last_loss'))}; {where}")
+    if "exported" in r:
+        return None  # said by the summary
+    if "interrupted" in r:
+        return (f"interrupted by {r['interrupted']} at step {r.get('step')}; checkpoint {r.get('checkpoint')}; "
+                f"{r.get('hint', '')}").rstrip("; ")
+    if "already_finished" in r:
+        return (f"already finished at step {r['already_finished']} ({r.get('out_dir')}); nothing to do: "
+                "use --resume=none or another --out_dir")
+    return "  ".join(f"{key} {value}" for key, value in r.items() if key != "time")[:300] or None
+
+
 class RunLog:
-    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = False):
+    """``lines``: record -> text for a terminal (e.g. :func:`train_lines`); without it stdout gets JSON.
+    ``json_stdout``: JSON on stdout even so (None: when stdout is not a terminal). ``hold``: see above."""
+
+    def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = False, lines=None,
+                 json_stdout: bool | None = None, hold: bool = False):
         self.enabled = enabled
+        self.path = os.path.join(out_dir, "log.jsonl")
         self.file = None
         self.writer = None
         self.bar = None
+        self.pending: list[str] = []  # JSON lines held back until training has started
+        self.started = not hold
+        self.lines = lines
+        self.total_steps = 0
         if not enabled:
             return
-        os.makedirs(out_dir, exist_ok=True)
-        self.file = open(os.path.join(out_dir, "log.jsonl"), "a", encoding="utf-8")
+        self.json_stdout = lines is None or (not sys.stdout.isatty() if json_stdout is None else json_stdout)
+        check_writable(out_dir)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:  # tensorboard is an optional dependency
-                raise ImportError(f"tensorboard=true needs the tensorboard package: {error}") from error
+                raise ImportError(f"tensorboard=true needs the tensorboard package ({error}); install it with "
+                                  "`make venv EXTRAS=dev,tensorboard` (or `pip install -e .[tensorboard]`)") from None
             self.writer = SummaryWriter(os.path.join(out_dir, "tb"))
-        self.total_steps = 0
 
     def start_progress(self, total_steps: int, done: int) -> None:
-        """A progress bar (img/s, ETA, loss) on a terminal; nothing when stderr is a file or pipe."""
+        """Training starts: from the next record on, the log file is written. A progress bar (img/s,
+        ETA, loss) on a terminal; nothing when stderr is a file or pipe."""
         self.total_steps = total_steps
+        self.started = True
         if self.enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -52,19 +147,39 @@ class RunLog:
         if not self.enabled:
             return
         record = {"time": round(time.time(), 3), **record}
-        line = json.dumps(record, default=str)
-        self.file.write(line + "\n")
-        self.file.flush()
-        if self.bar is not None:
-            self.bar.write(line, file=sys.stdout)
-            if "img_per_s" in record:
-                self._progress(record)
-        else:
-            print(line, flush=True)
+        self.pending.append(json.dumps(record, default=str))
+        if self.started:
+            self._flush()
+        self.show(record)
         if self.writer is not None and "step" in record:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "time", "epoch"):
                     self.writer.add_scalar(key, value, record["step"])
+
+    def show(self, record: dict) -> None:
+        """The terminal's view of a record only (log.jsonl is not touched)."""
+        if not self.enabled:
+            return
+        text = json.dumps(record, default=str) if self.json_stdout else self.lines(record, self.total_steps)
+        if text is not None:
+            if self.bar is not None:
+                self.bar.write(text, file=sys.stdout)
+            else:
+                print(text, flush=True)
+        if self.bar is not None and "img_per_s" in record:
+            self._progress(record)
+
+    def _flush(self) -> None:
+        if self.file is None:
+            self.file = open(self.path, "a", encoding="utf-8")
+        for line in self.pending:
+            self.file.write(line + "\n")
+        self.file.flush()
+        self.pending = []
+
+    def discard(self) -> None:
+        """Forget the held-back records (a run that decided not to train)."""
+        self.pending = []
 
     def _progress(self, record: dict) -> None:
         steps_left = max(0, self.total_steps - record["step"])
@@ -74,6 +189,8 @@ class RunLog:
                               "loss": f"{record.get('loss', float('nan')):.3f}"}, refresh=True)
 
     def close(self) -> None:
+        if self.started and self.pending:
+            self._flush()
         if self.bar is not None:
             self.bar.close()
         if self.writer is not None:

@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import pipelines
-from maskco import augment
+from maskco import augment, cli
 from maskco.config import ConfigError, build_config
 from maskco.method import MethodSpec, ready_inputs
 from maskco.build import resolve_data
@@ -54,15 +54,24 @@ def render(batch, inputs, images: int) -> Image.Image:
     return grid
 
 
+SUMMARY = """Writes a PNG grid of what the model is fed: per image, the query view with the masked box, the
+query as the model sees it, and the key view with the positive (green) and negative (red) boxes.
+Presets and config keys as for maskco.train. Example: python -m maskco.show cpu_demo --backend=dali-cpu"""
+OWN = "  --out PATH    the PNG to write (default: runs/show.png)\n  --images N    rows, one per image (default: 8)"
+
+
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    out = next((a.split("=", 1)[1] for a in args if a.startswith("--out=")), "runs/show.png")
-    images = int(next((a.split("=", 1)[1] for a in args if a.startswith("--images=")), 8))
     try:
-        cfg = build_config([a for a in args if not a.startswith(("--out=", "--images="))])
+        parsed = cli.parse_config_args(args, {"out": "runs/show.png", "images": 8})
+        if parsed.help:
+            print(cli.usage_text("python -m maskco.show", SUMMARY, OWN, " [--out PATH] [--images N]"))
+            return 0
+        cfg = build_config(parsed.config)
+        cli.check_device(cfg.device)
     except ConfigError as error:
-        print(f"maskco.show: {error}", file=sys.stderr)
-        return 2
+        return cli.fail("maskco.show", error)
+    out, images = parsed.options["out"], parsed.options["images"]
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     loader = pipelines.build_loader(
         cfg.backend, resolve_data(cfg, 0), batch_size=max(images, 2), image_size=cfg.image_size, device=device,
@@ -83,5 +92,5 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except (pipelines.DataError, ImportError) as error:  # bad input: one clear line, no traceback
-        sys.exit(f"maskco.show: error: {error}")
+    except (pipelines.DataError, ImportError, ConfigError) as error:  # bad input: one clear line, no traceback
+        sys.exit(cli.fail("maskco.show", error))

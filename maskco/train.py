@@ -8,21 +8,27 @@ from __future__ import annotations
 import datetime
 import faulthandler
 import os
-import signal
 import sys
+import time
 from typing import Optional
 
 import torch
 
 import pipelines
 from pipelines import DataError
-from maskco import checkpoint, dist
-from maskco.build import Run, build_run, resolve_data
-from maskco.config import Config, ConfigError, build_config, global_batch, peak_lr
+from maskco import checkpoint, cli as grammar, dist
+from maskco.build import Run, amp_dtype, build_run, resolve_data
+from maskco.config import Config, ConfigError, build_config, global_batch, method_label, peak_lr
 from maskco.engine import Diverged, LoopState, train
 from maskco.export import TORCHVISION_FILE, export_torchvision
 from maskco.model import unwrap
-from maskco.runlog import RunLog, git_revision
+from maskco.runlog import RunLog, git_revision, signal_name, train_lines
+
+
+SUMMARY = """MaskCo pretraining: presets (later ones win), then config keys (later ones win). Resumes from
+out_dir/checkpoint_last.pt when there is one (--resume=none starts over). On a terminal: a progress bar and
+short human lines; every record goes to out_dir/log.jsonl as JSON (and to stdout when it is not a terminal,
+or with --json). Example: python -m maskco.train cpu_demo --epochs=1"""
 
 
 def checkpoint_state(cfg: Config, run: Run, state: LoopState, steps_per_epoch: int, data: dict) -> dict:
@@ -99,6 +105,7 @@ def restore(cfg: Config, run: Run, path: str, steps_per_epoch: int, data: dict, 
     unwrap(run.encoder_q).load_state_dict(state["encoder_q"])
     run.encoder_k.load_state_dict(state["encoder_k"])
     run.optimizer.load_state_dict(state["optimizer"])
+    check_precision(state, run.scaler, path)
     run.scaler.load_state_dict(state["scaler"])
     if run.queue is not None and state.get("queue") is not None:
         run.queue.load_state_dict(state["queue"])
@@ -113,13 +120,37 @@ def weights_finite(module: torch.nn.Module) -> bool:
     return bool(torch.stack(norms).isfinite().all())
 
 
+def check_precision(state: dict, scaler, path: str) -> None:
+    """fp16 keeps a GradScaler state, the other precisions none: switching in or out of fp16 on resume
+    is refused with the way out, instead of GradScaler's traceback."""
+    if bool(state.get("scaler")) != scaler.is_enabled():
+        stored = state.get("config", {}).get("precision")
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was trained with precision={stored} and this run {'is' if scaler.is_enabled() else 'is not'}"
+            f" fp16 (the GradScaler state cannot carry over); keep --precision={stored}, or start over with "
+            "--resume=none or another --out_dir")
+
+
+USAGE = ("usage: python -m maskco.train [PRESET ...] [--key=value | --key value ...] [--json]\n"
+         "  e.g. python -m maskco.train cpu_demo       (the CPU demo; --help lists presets and every key)\n"
+         "  with no arguments nothing runs: the bare defaults are a ResNet-50, 200-epoch ImageNet run")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = build_config(args)
-    except ConfigError as error:
-        print(f"maskco.train: {error}", file=sys.stderr)
+    if not args:
+        print(USAGE, file=sys.stderr)
         return 2
+    try:
+        parsed = grammar.parse_config_args(args, {"json": False})
+        if parsed.help:
+            print(grammar.usage_text("python -m maskco.train", SUMMARY,
+                                     "  --json        JSON records on stdout also on a terminal", " [--json]"))
+            return 0
+        cfg, out_dir_note = grammar.derive_out_dir(build_config(parsed.config), parsed)
+        grammar.check_device(cfg.device)
+    except ConfigError as error:
+        return grammar.fail("maskco.train", error)
     # ---- distributed + device
     info = dist.init_distributed(None if cfg.device == "auto" else cfg.device,
                                  timeout=datetime.timedelta(seconds=cfg.dist_timeout))
@@ -129,10 +160,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    log = RunLog(cfg.out_dir, enabled=info.rank == 0, tensorboard=cfg.tensorboard)
+    log = RunLog(cfg.out_dir, enabled=info.rank == 0, tensorboard=cfg.tensorboard, lines=train_lines,
+                 json_stdout=True if parsed.options["json"] else None, hold=True)
     log.write({"config": cfg.to_dict(), "git": git_revision(), "world_size": world_size, "device": str(device),
                "torch": torch.__version__, "global_batch": global_batch(cfg, world_size),
-               "peak_lr": peak_lr(cfg, world_size)})
+               "peak_lr": peak_lr(cfg, world_size), "presets": parsed.presets, "method": method_label(cfg),
+               "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(cfg, device)],
+               "out_dir_note": out_dir_note})
+    if cfg.backend == "dali" and device.type != "cuda":
+        log.write({"warning": "backend dali without a GPU: DALI decodes on the CPU here (as --backend=dali-cpu)"})
     store = checkpoint.Store(cfg.out_dir, keep=cfg.keep_checkpoints)
     if info.rank == 0:
         for path in store.remove_stale():
@@ -157,8 +193,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     resume = find_resume(cfg, store, log)
     if resume:
         state = restore(cfg, run, resume, steps_per_epoch, data, log)
+    if state.step >= stop_step:  # a finished run: say so and touch nothing (no log lines, no new exports)
+        log.discard()
+        log.show({"already_finished": state.step, "out_dir": cfg.out_dir, "checkpoint": resume})
+        _finish(run, log)
+        return 0
     log.write({"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "stop_step": stop_step,
-               "start_step": state.step})
+               "start_step": state.step, "resumed_from": resume, "data": cfg.data, "backend": cfg.backend,
+               "images": data["images"]})
 
     def save(loop_state: LoopState) -> None:
         if not weights_finite(run.encoder_q):  # on every rank: DDP keeps them equal, and all must stop
@@ -177,6 +219,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             log.write({"epoch": loop_state.epoch, "step": loop_state.step, **knn(cfg, run, info)})
 
     log.start_progress(stop_step, state.step)
+    began = time.perf_counter()
     try:
         state = train(run, loader, state, log.write, save, epoch_end)
     except Diverged as error:
@@ -188,18 +231,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         _finish(run, log)
         return EXIT_DIVERGED
     done = state.step >= stop_step and not state.stop_signal
+    exported = None
     if done and cfg.export and info.rank == 0:
-        path = os.path.join(cfg.out_dir, TORCHVISION_FILE)
-        export_torchvision(unwrap(run.encoder_q).state_dict(), path)
-        log.write({"exported": path, "arch": cfg.arch})
+        exported = os.path.join(cfg.out_dir, TORCHVISION_FILE)
+        export_torchvision(unwrap(run.encoder_q).state_dict(), exported)
+        log.write({"exported": exported, "arch": cfg.arch})
     if state.stop_signal:
-        log.write({"interrupted": signal.Signals(state.stop_signal).name, "asked_at_step": state.stop_asked_at,
-                   "step": state.step,
-                   "checkpoint": store.last, "hint": "run the same command again to resume"})
+        log.write({"interrupted": signal_name(state.stop_signal), "asked_at_step": state.stop_asked_at,
+                   "step": state.step, "checkpoint": store.last, "hint": "run the same command again to resume"})
     if done:
         losses = [loss for _, loss in state.history]
         log.write({"finished": True, "step": state.step, "first_loss": losses[0] if losses else None,
-                   "last_loss": losses[-1] if losses else None})
+                   "last_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - began, 1),
+                   "checkpoint": store.last, "exported": exported})
     _finish(run, log)
     return 128 + int(state.stop_signal) if state.stop_signal else 0
 
@@ -233,8 +277,7 @@ def cli() -> int:
     try:
         return main()
     except (DataError, checkpoint.CheckpointError, ConfigError, ImportError) as error:
-        print(f"maskco.train: error: {error}", file=sys.stderr)
-        return 2
+        return grammar.fail("maskco.train", error)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,16 @@ set -euo pipefail
 
 usage="usage: $0 [--python PYTHON] IMAGENET_DIR OUT_DIR [--write-mode jpg|raw|proportion] [--max-resolution PX]
        [--jpeg-quality Q] [--compress-probability P] [--workers N] [--strict] [--quiet]
-  --python PYTHON  the interpreter that has this repository's packages and ffcv (default: python)"
+  --python PYTHON  the interpreter that has this repository's packages and ffcv
+                   (default: the repository's .venv/bin/python when it exists, else python3)"
 
-python=python
+# The repository root on the module path, so that this works without `pip install -e .`.
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if [[ -x $repo_root/.venv/bin/python ]]; then
+    python=$repo_root/.venv/bin/python  # what `make venv EXTRAS=dev,ffcv` made
+else
+    python=python3
+fi
 if [[ $# -ge 2 && $1 == --python ]]; then
     python=$2
     shift 2
@@ -41,8 +48,23 @@ for option in "$@"; do
     fi
 done
 
-# The repository root on the module path, so that this works without `pip install -e .`.
-repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+if ! command -v "$python" > /dev/null; then
+    echo "error: interpreter $python not found; pass --python PYTHON, or run \`make venv EXTRAS=dev,ffcv\` first" >&2
+    exit 2
+fi
+echo "using $python ($(command -v "$python"))"
+# a missing package is one line saying how to install it, not a ModuleNotFoundError traceback
+PYTHONPATH="$repo_root${PYTHONPATH:+:$PYTHONPATH}" "$python" - <<'CHECK' || exit 2
+import importlib, sys
+for name in ("torch", "numpy", "PIL", "ffcv"):
+    try:
+        importlib.import_module(name)
+    except ImportError as error:
+        print(f"error: {sys.executable} cannot import {name} ({error}); install the ffcv extra into it: "
+              "`make venv EXTRAS=dev,ffcv` (after `apt-get install -y pkg-config libopencv-dev libturbojpeg0-dev`), "
+              "or pass --python PYTHON", file=sys.stderr)
+        sys.exit(2)
+CHECK
 mkdir -p "$out_dir"
 for split in train val; do
     echo "== $split: $imagenet_dir/$split -> $out_dir/$split.beton"

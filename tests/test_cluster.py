@@ -75,7 +75,7 @@ def test_sigterm_to_the_process_group_with_workers_checkpoints_and_resumes(tmp_p
     assert state["step"] == interrupted["step"] >= 1  # the step reached, not the epoch start
     assert main([*TINY, f"--data={sample_root}", f"--out_dir={out_dir}", "--epochs=50",
                  f"--max_steps={state['step'] + 1}"]) == 0
-    assert [r for r in records(out_dir) if "resumed_from" in r][-1]["step"] == state["step"]
+    assert [r for r in records(out_dir) if "resumed_from" in r and "epoch" in r][-1]["step"] == state["step"]
 
 
 # ---- 2. torchrun: every rank stops within a step of the signal, whatever log_every is
@@ -135,7 +135,7 @@ def test_torchrun_restart_after_a_killed_rank_continues_the_same_curve(tmp_path,
     os.kill(_ranks(process.pid)[1], signal.SIGKILL)
     output = process.communicate(timeout=600)[0]
     assert process.returncode == 0, output[-3000:]
-    resumed = [r for r in records(out_dir) if "resumed_from" in r]
+    resumed = [r for r in records(out_dir) if "resumed_from" in r and "epoch" in r]
     assert resumed and resumed[0]["step"] >= saved["step"], output[-3000:]
     expected, got = losses(straight), losses(out_dir)
     assert sorted(got) == sorted(expected) == list(range(1, 13))
@@ -163,7 +163,7 @@ def test_kept_checkpoints_and_a_truncated_newest_falls_back(tmp_path, sample_roo
     assert main([*TINY, f"--data={sample_root}", f"--out_dir={out_dir}", "--epochs=3"]) == 0
     log = records(out_dir)
     assert any("damaged" in r.get("warning", "") and names[-1] in r["warning"] for r in log)
-    assert [r for r in log if "resumed_from" in r][-1]["step"] == 6
+    assert [r for r in log if "resumed_from" in r and "epoch" in r][-1]["step"] == 6
     assert max(losses(out_dir)) == 18
 
 
@@ -287,7 +287,7 @@ def test_a_global_batch_change_resumes_at_the_same_images(tmp_path, sample_root)
     # batch 2 (12 steps per epoch) continues exactly 8 images into epoch 1: step 12 + 4 = 16
     assert main([*TINY, f"--data={sample_root}", f"--out_dir={out_dir}", "--batch_size=2", "--max_steps=17"]) == 0
     log = records(out_dir)
-    assert [r for r in log if "resumed_from" in r][-1]["step"] == 16
+    assert [r for r in log if "resumed_from" in r and "epoch" in r][-1]["step"] == 16
     warning = [r["warning"] for r in log if "global batch changed" in r.get("warning", "")][-1]
     assert "4 -> 2" in warning and "peak lr" in warning
     # batch 3 cannot continue 2 images into an epoch: refused, nothing trained

@@ -193,7 +193,7 @@ def test_sigterm_writes_a_checkpoint_and_the_rerun_finishes(tmp_path, sample_roo
     assert process.returncode == 128 + signal.SIGTERM, output
     state = checkpoint.load(os.path.join(out_dir, checkpoint.LAST))
     assert state["step"] >= 1
-    assert any("interrupted" in r for r in records(out_dir))
+    assert any(r.get("interrupted") == "SIGTERM" for r in records(out_dir))  # the signal by name
     assert main([*TINY, f"--data={sample_root}", f"--out_dir={out_dir}", "--epochs=20",
                  f"--max_steps={state['step'] + 1}"]) == 0
     assert max(losses(out_dir)) == state["step"] + 1

@@ -14,7 +14,6 @@ merged into the global top k. Every rank ends with the same accuracy; memory per
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
@@ -23,7 +22,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pipelines
-from maskco import dist
+from maskco import cli, dist
 from maskco.build import resolve_precision
 from maskco.evaluate.features import check_labels, images_and_labels, prepare_images, source_classes
 
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from maskco.export import ARCHS, load_backbone, random_backbone
 
-    parser = argparse.ArgumentParser(prog="python -m maskco.evaluate.knn", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m maskco.evaluate.knn", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="pretraining checkpoint or exported torchvision backbone")
     source.add_argument("--random-init", action="store_true", help="a randomly initialised --arch (baseline)")
@@ -208,5 +207,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as error:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {error}")
+    except ValueError as error:  # bad input: one clear line, no traceback, exit 2
+        sys.exit(cli.fail("maskco.evaluate.knn", error))

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import pipelines
-from maskco import checkpoint, dist
+from maskco import checkpoint, cli, dist
 from maskco.build import resolve_precision
 from maskco.evaluate.features import (POOLINGS, PROTOCOLS, MultiLayerFeatures, check_labels, images_and_labels,
                                       source_classes)
@@ -179,7 +179,7 @@ def flat_accuracies(result: dict) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m maskco.evaluate.linear", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(prog="python -m maskco.evaluate.linear", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="pretraining checkpoint or exported torchvision backbone")
     source.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised --arch (baseline)")
@@ -356,5 +356,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as error:  # bad input: one clear line, no traceback
-        sys.exit(f"error: {error}")
+    except ValueError as error:  # bad input: one clear line, no traceback, exit 2
+        sys.exit(cli.fail("maskco.evaluate.linear", error))
