@@ -98,8 +98,13 @@ def train_lines(record: dict, total_steps: int = 0) -> str | None:
     if "exported" in r:
         return None  # said by the summary
     if "interrupted" in r:
-        return (f"interrupted by {r['interrupted']} at step {r.get('step')}; checkpoint {r.get('checkpoint')}; "
-                f"{r.get('hint', '')}").rstrip("; ")
+        asked = f" (asked at step {r['asked_at_step']})" if r.get("asked_at_step") else ""
+        return (f"interrupted by {r['interrupted']}: stopped at step {r.get('step')}{asked}; checkpoint "
+                f"{r.get('checkpoint')}; {r.get('hint', '')}").rstrip("; ")
+    if "checkpoint" in r and "step" in r:
+        return f"saved     step {r['step']}: {r['checkpoint']}"
+    if "error" in r:
+        return None  # the one-line error on stderr says it
     if "already_finished" in r:
         return (f"already finished at step {r['already_finished']} ({r.get('out_dir')}); nothing to do: "
                 "use --resume=none or another --out_dir")

@@ -378,3 +378,10 @@ def test_slurm_time_limit_signal_stops_the_trainer_and_requeues(tmp_path):
     assert process.wait(timeout=60) == 75, process.stderr.read()
     assert (tmp_path / "srun.term").exists()  # the trainer was asked to checkpoint and stop
     assert (tmp_path / "scontrol.calls").read_text().split() == ["requeue", "123456"]
+
+
+def test_resume_with_another_backend_is_refused(tmp_path, sample_root):
+    pytest.importorskip("nvidia.dali", reason="the other backend here is DALI's CPU mode")
+    out_dir = _two_epochs(tmp_path, sample_root, "run", "--max_steps=2")
+    with pytest.raises(checkpoint.CheckpointError, match="backend torch.*backend dali-cpu"):
+        main([*TINY, f"--data={sample_root}", f"--out_dir={out_dir}", "--backend=dali-cpu", "--max_steps=4"])
