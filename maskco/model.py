@@ -7,13 +7,12 @@ Paper symbols: ``net_q`` = ``Encoder.backbone`` + ``Encoder.mph``, ``head_q`` = 
     q = encoder_q(x_q, masked[:, None])                               # [N, 1, D]
     k = encoder_k.embed(key_features(encoder_k, x_k, gen), boxes_k)   # [N, 1+M, D], no grad
 
-``backbone`` stays a plain torchvision ResNet (``fc = nn.Identity()``), so ``backbone_state_dict`` is what
-transfers; the MPH and the head are dropped at transfer time.
+``backbone`` stays a plain torchvision ResNet (``fc = nn.Identity()``), so its ``backbone.*`` entries are what
+transfers (``maskco.export.backbone_weights``); the MPH and the head are dropped at transfer time.
 """
 import copy
 import math
 import weakref
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
@@ -278,20 +277,6 @@ def momentum_update(encoder_k: nn.Module, encoder_q: nn.Module, momentum: float)
     torch._foreach_lerp_(lists.params_k, lists.params_q, 1.0 - momentum)
     for buffers_k, buffers_q in zip(lists.buffers_k, lists.buffers_q):
         torch._foreach_copy_(buffers_k, buffers_q)
-
-
-def backbone_state_dict(encoder: nn.Module | Mapping) -> dict:
-    """The plain torchvision ResNet state dict (no ``backbone.`` prefix, no fc, no MPH, no head).
-
-    Takes an ``Encoder`` (wrapped or not) or an Encoder state dict such as ``checkpoint["encoder_q"]``.
-    Loads with ``strict=True`` into ``torchvision.models.<arch>()`` whose ``fc`` is ``nn.Identity()``.
-    """
-    state = encoder if isinstance(encoder, Mapping) else unwrap(encoder).state_dict()
-    prefix = "backbone."
-    backbone = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-    if not backbone:
-        raise ValueError(f"encoder has no '{prefix}*' entries; expected a maskco Encoder or its state dict")
-    return backbone
 
 
 def param_groups(module: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
