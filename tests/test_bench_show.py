@@ -47,8 +47,12 @@ def test_show_writes_a_grid(tmp_path, sample_root):
     out = str(tmp_path / "views.png")
     assert show.main([f"--data={sample_root}", "--arch=resnet18", "--image_size=64", "--box_min_size=8",
                       f"--out={out}", "--images=3"]) == 0
-    image = Image.open(out)
-    assert image.size == (3 * 64 + 8, 3 * (64 + 4))
+    image = Image.open(out).convert("L")
+    side = 64 * 3  # 64 px views are enlarged 3x (show.MIN_SIDE)
+    assert image.size == (3 * side + 2 * show.GAP, show.HEADER + 3 * (side + show.GAP) + show.FOOTER)
+    title, key = image.crop((0, 0, image.width, show.HEADER)), image.crop((0, image.height - show.FOOTER, image.width,
+                                                                            image.height))
+    assert title.getextrema()[0] < 100 and key.getextrema()[0] < 100  # column titles and the colour key are drawn
 
 
 def test_timing_warms_up_then_interleaves_the_timed_calls():
