@@ -22,7 +22,8 @@ def test_bench_reports_every_figure_positive(tmp_path, sample_root, capsys):
     measured = {(r["figure"], r["name"]): r for r in rows if "img_per_s" in r}
     expected = {("decode", "decode"), ("baseline", "baseline"), ("loader", "torch"), ("ready", "torch"),
                 ("e2e", "torch"), ("step", "MaskCo"), ("step", "MaskCo (mph=none)"),
-                ("step", "MoCo v2-like (mph=attn)"), ("step", "MoCo v2"), ("ready_synthetic", "boxes+augment+mask"), ("step", "ready+maskco"), ("method_only", "boxes+mask+roi_pool+logits")}
+                ("step", "MoCo v2-like (mph=attn)"), ("step", "MoCo v2"), ("ready_synthetic", "boxes+augment+mask"),
+                ("step", "ready+maskco"), ("method_only", "boxes+mask+roi_pool+logits")}
     assert expected <= set(measured)
     assert all(measured[key]["img_per_s"] > 0 for key in expected)
     assert 0 <= measured["e2e", "torch"]["data_wait"] <= 1

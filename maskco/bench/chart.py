@@ -29,7 +29,8 @@ def _panels(rows: list[dict]) -> list[dict]:
               + [("MoCo v2 loader (baseline)", r, REFERENCE) for r in by.get("baseline", [])])
     for loader in by.get("loader", []):
         inputs.append((f"{loader['name']}: loader", loader, MASKCO))
-        inputs += [(f"{r['name']}: ready inputs", r, MASKCO) for r in by.get("ready", []) if r["name"] == loader["name"]]
+        inputs += [(f"{r['name']}: ready inputs", r, MASKCO) for r in by.get("ready", [])
+                   if r["name"] == loader["name"]]
     steps = [(r["name"], r, MOCO if r["name"].startswith("MoCo") else MASKCO) for r in by.get("step", [])]
     parts = [(r["name"], r, REFERENCE) for r in by.get("ready_synthetic", []) + by.get("method_only", [])]
     e2e = [(f"{r['name']}: real data", r, MASKCO) for r in by.get("e2e", [])]
@@ -81,7 +82,8 @@ def _draw_panel(axis, panel: dict, wanted: dict) -> None:
              "e2e": "target (GPU): e2e >= 95% of the synthetic step"}
     for (figure, target), style in zip(lines.items(), ("--", ":", "-.")):
         axis.axvline(target, color=TARGET, linestyle=style, linewidth=1, label=names[figure])
-    marked = {row["figure"] for _, row, _ in bars if wanted.get((row["figure"], row["name"])) and row["figure"] in MARKED}
+    marked = {row["figure"] for _, row, _ in bars
+              if wanted.get((row["figure"], row["name"])) and row["figure"] in MARKED}
     for figure in sorted(marked):
         axis.plot([], [], color=TARGET, linewidth=2, label=MARKED[figure])
     if axis.get_legend_handles_labels()[0]:  # in the slot below the last bar (see _legend_rows)

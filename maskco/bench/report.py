@@ -84,7 +84,8 @@ def targets(rows: list[dict]) -> list[str]:
     best_ready = max((v for (f, _), v in get.items() if f == "ready"), default=None)
     best_loader = max((v for (f, _), v in get.items() if f == "loader"), default=None)
     if best_ready and ("baseline", "baseline") in get:
-        lines.append(f"best ready inputs / baseline loader = {best_ready / get['baseline', 'baseline']:.2f}x (target >= 3x)")
+        ratio = best_ready / get["baseline", "baseline"]
+        lines.append(f"best ready inputs / baseline loader = {ratio:.2f}x (target >= 3x)")
     if best_loader and ("decode", "decode") in get:
         lines.append(f"best loader / decode ceiling = {best_loader / get['decode', 'decode']:.0%} (target >= 50%)")
     for maskco_name, moco_name in STEP_PAIRS:
