@@ -8,7 +8,8 @@
 - end to end on real data, each bar split into computing and waiting for data, against the
   synthetic step and its 95 % target;
 - micro-benchmarks: latency in ms per call (lower is better), fused against the reference.
-A panel's axis is logarithmic when its bars differ by more than 10x, and every bar carries its value.
+A panel's axis is logarithmic when its bars (and target marks) differ by more than 10x, except the
+end-to-end panel, whose waiting share reads only on a linear axis; every bar carries its value.
 """
 from __future__ import annotations
 
@@ -57,7 +58,11 @@ def _draw_panel(axis, panel: dict, wanted: dict) -> None:
     values = [row[key] for _, row, _ in bars]
     ys = list(range(len(bars)))[::-1]  # first bar on top
     axis.barh(ys, values, color=[colour for *_, colour in bars], height=0.7)
-    log = max(values) > 10 * max(min(values), 1e-9)
+    marks = [wanted[row["figure"], row["name"]] for _, row, _ in bars
+             if row["figure"] in MARKED and (row["figure"], row["name"]) in wanted]
+    span = values + marks
+    # a share of a bar (the data wait) reads only on a linear axis
+    log = max(span) > 10 * max(min(span), 1e-9) and not any("data_wait" in row for _, row, _ in bars)
     if log:
         axis.set_xscale("log")
     unit = "ms" if key == "ms_per_call" else "img/s"
@@ -91,7 +96,7 @@ def _draw_panel(axis, panel: dict, wanted: dict) -> None:
     axis.set_ylim(-0.6 - _legend_rows(panel, wanted), len(bars) - 0.4)
     axis.set_yticks(ys, [label for label, _, _ in bars], fontsize=8)
     axis.set_title(panel["title"] + (", log scale" if log else ""), fontsize=9, loc="left")
-    low, high = (min(values) / 2, max(values) * 6) if log else (0, max(values) * 1.45)
+    low, high = (min(span) / 2, max(span) * 6) if log else (0, max(span) * 1.45)
     axis.set_xlim(low, max([high] + [t * 1.2 for t in lines.values()]))
     axis.grid(axis="x", alpha=0.3, which="both" if log else "major")
 
