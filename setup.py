@@ -23,7 +23,7 @@ setup(
         "matplotlib",  # the bench's bar chart
     ],
     extras_require={
-        "dev": ["pytest", "hypothesis"],
+        "dev": ["pytest", "hypothesis", "ruff"],  # ruff: `ruff check .` (ruff.toml), run by .ci/run
         # FFCV builds against Debian's pkg-config libopencv-dev libturbojpeg0-dev (see README)
         "ffcv": ["ffcv==1.0.2"],
         # the bare name nvidia-dali is a placeholder wheel; this is the CUDA 13 build (torch 2.14 is cu130)

@@ -2,7 +2,7 @@
 
 One call per step, :func:`prepare_views`, turns a Batch's views (uint8 [N, 3, S, S], geometry only)
 into model inputs: MoCo v2 colour augmentation with independent parameters per sample and per view
-(DESIGN.md 4.1), ImageNet normalisation, and the MaskCo mask over the query box (4.3).
+(docs/DESIGN.md 4.1), ImageNet normalisation, and the MaskCo mask over the query box (4.3).
 
 The colour ops follow torchvision's tensor math (``transforms.v2.functional``), so a batch here
 equals a loop of torchvision calls with the same parameters (tests/test_augment.py). Everything is

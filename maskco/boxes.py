@@ -1,4 +1,4 @@
-"""Crop windows -> the masked box (query view) and the key boxes (key view). DESIGN.md 4.2.
+"""Crop windows -> the masked box (query view) and the key boxes (key view). docs/DESIGN.md 4.2.
 
 Every backend reports where it cut each view (``crop = [x0, y0, x1, y1, flipped]`` in [0, 1] source
 coordinates), so box pairing lives here, once, for all of them. Convention: a view is the source

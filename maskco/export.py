@@ -31,7 +31,8 @@ from torch import nn
 from maskco import cli
 from maskco.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from maskco.checkpoint import atomic_write
-from maskco.model import ARCHS  # torchvision's ResNet family; which one a state dict is follows from its key set and shapes
+# torchvision's ResNet family; which one a state dict is follows from its key set and shapes
+from maskco.model import ARCHS
 
 TORCHVISION_FILE = "backbone_torchvision.pth"
 DETECTRON2_FILE = "backbone_detectron2.pkl"

@@ -1,4 +1,4 @@
-"""Contrastive (InfoNCE) loss of MaskCo (DESIGN.md 4.6), with its negatives picked by index.
+"""Contrastive (InfoNCE) loss of MaskCo (docs/DESIGN.md 4.6), with its negatives picked by index.
 
 Paper symbols: for query q_i (the masked box of image i, query view) the positive is k_i+ (the same
 box in the key view, ``k[i, 0]``); the negatives are the M negative key boxes of every *other* image

@@ -7,12 +7,11 @@ Paper symbols: ``net_q`` = ``Encoder.backbone`` + ``Encoder.mph``, ``head_q`` = 
     q = encoder_q(x_q, masked[:, None])                               # [N, 1, D]
     k = encoder_k.embed(key_features(encoder_k, x_k, gen), boxes_k)   # [N, 1+M, D], no grad
 
-``backbone`` stays a plain torchvision ResNet (``fc = nn.Identity()``), so ``backbone_state_dict`` is what
-transfers; the MPH and the head are dropped at transfer time.
+``backbone`` stays a plain torchvision ResNet (``fc = nn.Identity()``), so its ``backbone.*`` entries are what
+transfers (``maskco.export.backbone_weights``); the MPH and the head are dropped at transfer time.
 """
 import copy
 import math
-from collections.abc import Mapping
 
 import torch
 import torchvision
@@ -259,7 +258,8 @@ class KeyEncoderEMA:
         buffers_k, buffers_q = _named(self.encoder_k, "buffers"), _named(self.encoder_q, "buffers")
         shapes = lambda entries: [(name, t.shape, t.dtype) for _, name, t in entries]  # noqa: E731
         if shapes(params_k) != shapes(params_q) or shapes(buffers_k) != shapes(buffers_q):
-            raise ValueError("encoder_k and encoder_q must have the same parameters and buffers (use build_key_encoder)")
+            raise ValueError("encoder_k and encoder_q must have the same parameters and buffers "
+                             "(use build_key_encoder)")
         groups: dict = {}  # one buffer list per dtype, so every foreach call takes its fast path
         for (_, _, b_k), (_, _, b_q) in zip(buffers_k, buffers_q):
             groups.setdefault(b_k.dtype, ([], []))[0].append(b_k)
@@ -273,20 +273,6 @@ class KeyEncoderEMA:
 def momentum_update(encoder_k: nn.Module, encoder_q: nn.Module, momentum: float) -> None:
     """One EMA update (see :class:`KeyEncoderEMA`; a loop keeps one of those instead of calling this)."""
     KeyEncoderEMA(encoder_k, encoder_q)(momentum)
-
-
-def backbone_state_dict(encoder: nn.Module | Mapping) -> dict:
-    """The plain torchvision ResNet state dict (no ``backbone.`` prefix, no fc, no MPH, no head).
-
-    Takes an ``Encoder`` (wrapped or not) or an Encoder state dict such as ``checkpoint["encoder_q"]``.
-    Loads with ``strict=True`` into ``torchvision.models.<arch>()`` whose ``fc`` is ``nn.Identity()``.
-    """
-    state = encoder if isinstance(encoder, Mapping) else unwrap(encoder).state_dict()
-    prefix = "backbone."
-    backbone = {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
-    if not backbone:
-        raise ValueError(f"encoder has no '{prefix}*' entries; expected a maskco Encoder or its state dict")
-    return backbone
 
 
 def param_groups(module: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:

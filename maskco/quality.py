@@ -109,7 +109,8 @@ def linear_top1(args, cfg, source: list[str], out_dir: str) -> dict:
               *(["--workers", str(cfg.workers)] if cfg.workers >= 0 else [])]
     out = {}
     for protocol in ("lastlayer", "multilayer"):
-        result = linear.main([*common, "--protocol", protocol, "--out-dir", os.path.join(out_dir, f"linear_{protocol}")])
+        result = linear.main([*common, "--protocol", protocol,
+                              "--out-dir", os.path.join(out_dir, f"linear_{protocol}")])
         prefix = "linear_last" if protocol == "lastlayer" else "linear_multi"
         out.update({f"{prefix}_{stage}": acc["top1"] for stage, acc in result.items() if stage != "images"})
     return out

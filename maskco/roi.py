@@ -1,6 +1,6 @@
 """Fused RoI-align + average pool: the region features the MaskCo head consumes.
 
-The head only needs the *mean* of each ``roi_align`` output (DESIGN.md 4.5). torchvision's bilinear
+The head only needs the *mean* of each ``roi_align`` output (docs/DESIGN.md 4.5). torchvision's bilinear
 sampling is separable: its out-of-range test (a sample outside [-1, H] x [-1, W] counts as zero) and
 its clamping (``y <= 0 -> 0``, ``y_low >= H - 1 -> H - 1``) act on y and x independently, and every
 box samples a regular (pooled * grid_h) x (pooled * grid_w) lattice. So the average over a box's

@@ -56,7 +56,9 @@ def check_writable(out_dir: str) -> None:
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
-    return f"{hours}h{minutes:02d}m{seconds:02d}s" if hours else (f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s")
+    if hours:
+        return f"{hours}h{minutes:02d}m{seconds:02d}s"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
 
 
 def _loss(value) -> str:

@@ -1,16 +1,18 @@
 """``python -m maskco.show [preset ...] [--key=value ...] [--out=views.png] [--images=8]``
 
 Writes a PNG grid, one row per image: the query view with the masked box (yellow), the query view as
-the model sees it (augmented, masked), and the key view with the positive box (green) and the
-negative boxes (red). This is how a user checks the augmentation and the box pairing of a backend.
+the model sees it (augmented, masked), and the key view with the positive box (green) and a few of
+the negative boxes (red, thin); column titles and the colour key are in the picture. This is how a
+user checks the augmentation and the box pairing of a backend.
 """
 from __future__ import annotations
 
+import math
 import os
 import sys
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 import pipelines
 from maskco import augment, cli
@@ -19,14 +21,19 @@ from maskco.method import MethodSpec, ready_inputs
 from maskco.build import resolve_data
 
 POSITIVE, NEGATIVE, MASKED = (40, 220, 40), (230, 40, 40), (250, 220, 0)
+SHOWN_NEGATIVES = 4  # of the M negative boxes: drawn thin, so that the key view stays visible
+MIN_SIDE = 192  # small views are enlarged (nearest, an integer factor) so that boxes and titles read
+GAP, HEADER, FOOTER = 4, 22, 40
+TITLES = ("query view + masked box", "model input (augmented, masked)", "key view + positive, negatives")
 
 
-def _image(chw_uint8: torch.Tensor) -> Image.Image:
-    return Image.fromarray(chw_uint8.permute(1, 2, 0).cpu().numpy())
+def _image(chw_uint8: torch.Tensor, scale: int) -> Image.Image:
+    image = Image.fromarray(chw_uint8.permute(1, 2, 0).cpu().numpy())
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
 
 
-def _draw(image: Image.Image, box, color, width=2) -> None:
-    ImageDraw.Draw(image).rectangle([float(v) for v in box], outline=color, width=width)
+def _draw(image: Image.Image, box, color, scale: int, width=2) -> None:
+    ImageDraw.Draw(image).rectangle([float(v) * scale for v in box], outline=color, width=width)
 
 
 def _denormalise(x: torch.Tensor) -> torch.Tensor:
@@ -35,22 +42,58 @@ def _denormalise(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
 
 
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _legend(draw: ImageDraw.ImageDraw, top: int, width: int, negatives: int, shown: int) -> None:
+    """Colour key, two lines under the grid."""
+    font = _font(12)
+    entries = [(MASKED, "masked box (query view; filled in the model input)"),
+               (POSITIVE, "positive: the same region in the key view"),
+               (NEGATIVE, f"negatives: {shown} of the {negatives} drawn" if negatives > shown else "negatives")]
+    x, y = GAP, top + 4
+    for colour, text in entries:
+        entry = 22 + draw.textlength(text, font=font) + 16
+        if x > GAP and x + entry > width:
+            x, y = GAP, y + 17
+        draw.rectangle([x, y + 2, x + 14, y + 12], outline=colour, width=2)
+        draw.text((x + 20, y), text, fill=(0, 0, 0), font=font)
+        x += entry
+
+
 def render(batch, inputs, images: int) -> Image.Image:
-    """One row per image: raw query view + masked box, model input, key view + key boxes."""
+    """One row per image: raw query view + masked box, model input, key view + key boxes; column titles
+    on top and the colour key below, so the picture reads without the terminal."""
     size = batch.view_q.shape[-1]
+    scale = max(1, math.ceil(MIN_SIDE / size))
+    side = size * scale
     rows = min(images, batch.view_q.shape[0])
-    grid = Image.new("RGB", (3 * size + 8, rows * (size + 4)), (255, 255, 255))
+    negatives = 0 if inputs.boxes_k is None else inputs.boxes_k.shape[1] - 1
+    shown = min(SHOWN_NEGATIVES, negatives)
+    grid = Image.new("RGB", (3 * side + 2 * GAP, HEADER + rows * (side + GAP) + FOOTER), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    font = _font(12 if side >= 190 else 10)
+    for column, title in enumerate(TITLES):
+        left = column * (side + GAP)
+        width = draw.textlength(title, font=font)
+        draw.text((left + max(0, (side - width) / 2), 4), title, fill=(0, 0, 0), font=font)
     for i in range(rows):
-        query, seen, key = _image(batch.view_q[i]), _image(_denormalise(inputs.x_q[i])), _image(batch.view_k[i])
+        query, key = _image(batch.view_q[i], scale), _image(batch.view_k[i], scale)
+        seen = _image(_denormalise(inputs.x_q[i]), scale)
         if inputs.boxes_q is not None:
-            _draw(query, inputs.boxes_q[i, 0], MASKED)
-            for box in inputs.boxes_k[i, 1:]:
-                _draw(key, box, NEGATIVE, 1)
-            _draw(key, inputs.boxes_k[i, 0], POSITIVE)
+            _draw(query, inputs.boxes_q[i, 0], MASKED, scale)
+            for box in inputs.boxes_k[i, 1:1 + shown]:
+                _draw(key, box, NEGATIVE, scale, 1)
+            _draw(key, inputs.boxes_k[i, 0], POSITIVE, scale)
             if not bool(inputs.valid[i]):
-                ImageDraw.Draw(query).text((4, 4), "invalid", fill=(255, 0, 0))
+                ImageDraw.Draw(query).text((4, 4), "invalid: crops barely overlap", fill=(255, 0, 0), font=font)
         for column, picture in enumerate((query, seen, key)):
-            grid.paste(picture, (column * (size + 4), i * (size + 4)))
+            grid.paste(picture, (column * (side + GAP), HEADER + i * (side + GAP)))
+    _legend(draw, HEADER + rows * (side + GAP), grid.width, negatives, shown)
     return grid
 
 

@@ -125,8 +125,9 @@ def check_precision(state: dict, scaler, path: str) -> None:
     is refused with the way out, instead of GradScaler's traceback."""
     if bool(state.get("scaler")) != scaler.is_enabled():
         stored = state.get("config", {}).get("precision")
+        this_run = "is" if scaler.is_enabled() else "is not"
         raise checkpoint.CheckpointError(
-            f"checkpoint {path} was trained with precision={stored} and this run {'is' if scaler.is_enabled() else 'is not'}"
+            f"checkpoint {path} was trained with precision={stored} and this run {this_run}"
             f" fp16 (the GradScaler state cannot carry over); keep --precision={stored}, or start over with "
             "--resume=none or another --out_dir")
 

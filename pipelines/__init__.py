@@ -1,4 +1,4 @@
-"""Data backends. Each turns a dataset into :class:`Batch` and nothing more (DESIGN.md 2.1).
+"""Data backends. Each turns a dataset into :class:`Batch` and nothing more (docs/DESIGN.md 2.1).
 
 Every backend cuts two views from one decoded image (random resized crop + horizontal flip + resize
 to ``image_size``), returns them as uint8, and reports where it cut: ``crop = [x0, y0, x1, y1,

@@ -14,8 +14,9 @@ converts to RGB and upsamples each view (bilinear) to the view size, so nothing 
 time and one folder serves every view size (96 px for ResNet-18 at C5 3 x 3, 224 px for ResNet-50).
 The labelled splits are class-balanced draws; pretrain and train are disjoint whenever the train
 images left over by pretrain hold the labelled split. Every draw comes from
-``numpy.random.default_rng(seed)``, so the same settings give the same files; a marker file written last (``fmnist_splits.json``) holds the settings,
-and a second call with the same settings reuses the folders.
+``numpy.random.default_rng(seed)``, so the same settings give the same files; a marker file written
+last (``fmnist_splits.json``) holds the settings, and a second call with the same settings reuses the
+folders.
 
     python -m pipelines.fmnist data/fmnist --pretrain 3840 --train 2000 --test 1000
 """
@@ -181,7 +182,8 @@ def _read_marker(out_dir: str):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.fmnist", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", nargs="?", default="data/fmnist", help="where to write the splits (reused)")
-    parser.add_argument("--fmnist-dir", default=DEFAULT_DIR, help=f"folder of the IDX .gz files (default {DEFAULT_DIR})")
+    parser.add_argument("--fmnist-dir", default=DEFAULT_DIR,
+                        help=f"folder of the IDX .gz files (default {DEFAULT_DIR})")
     parser.add_argument("--pretrain", type=int, default=3840, help="unlabelled pretraining images (default 3840)")
     parser.add_argument("--train", type=int, default=2000, help="labelled train images (default 2000)")
     parser.add_argument("--test", type=int, default=1000, help="labelled test images (default 1000)")

@@ -29,8 +29,6 @@ from pipelines import (CROP_RATIO, CROP_SCALE, Batch, check_common_args, check_p
                        epoch_shard, ignore_stop_signals)
 from pipelines.sources import UNREADABLE, DataError, ImageList, fingerprint, list_images
 
-# What PIL raises for a file that is not a readable image: missing / zero-byte / non-image
-# (UnidentifiedImageError is an OSError), truncated ("image file is truncated"), broken streams.
 MAX_ATTEMPTS = 32  # replacement tries before concluding the source is mostly unreadable
 MAX_SKIPPED_PATHS = 20  # how many skipped files (with reasons) the loader remembers for the log
 EVAL_CROP = 0.875  # eval view: resize the shorter side to S / 0.875, centre-crop S (224 <- 256)

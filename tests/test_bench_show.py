@@ -6,7 +6,9 @@ import os
 
 from PIL import Image
 
-from maskco import bench, show
+from maskco import show
+from maskco.bench import micro
+from maskco.bench.__main__ import main as bench_main
 
 TINY_MODEL = ["--arch=resnet18", "--image-size=64", "--batch-size=4", "--threads=1", "--batches=1", "--steps=1",
               "--repeats=1"]
@@ -14,19 +16,21 @@ TINY_MODEL = ["--arch=resnet18", "--image-size=64", "--batch-size=4", "--threads
 
 def test_bench_reports_every_figure_positive(tmp_path, sample_root, capsys):
     out_dir = str(tmp_path / "bench")
-    assert bench.main([*TINY_MODEL, "--backend=torch,no-such-backend", f"--data={sample_root}",
+    assert bench_main([*TINY_MODEL, "--backend=torch,no-such-backend", f"--data={sample_root}",
                        f"--out-dir={out_dir}", "--skip=roi"]) == 0
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "bench.jsonl"), encoding="utf-8")]
     measured = {(r["figure"], r["name"]): r for r in rows if "img_per_s" in r}
     expected = {("decode", "decode"), ("baseline", "baseline"), ("loader", "torch"), ("ready", "torch"),
                 ("e2e", "torch"), ("step", "MaskCo"), ("step", "MaskCo (mph=none)"),
-                ("step", "MoCo v2-like (mph=attn)"), ("step", "MoCo v2"), ("ready_synthetic", "boxes+augment+mask"), ("step", "ready+maskco"), ("method_only", "boxes+mask+roi_pool+logits")}
+                ("step", "MoCo v2-like (mph=attn)"), ("step", "MoCo v2"), ("ready_synthetic", "boxes+augment+mask"),
+                ("step", "ready+maskco"), ("method_only", "boxes+mask+roi_pool+logits")}
     assert expected <= set(measured)
     assert all(measured[key]["img_per_s"] > 0 for key in expected)
     assert 0 <= measured["e2e", "torch"]["data_wait"] <= 1
     assert all(key in rows[0] for key in ("machine", "cpu", "threads", "torch", "git"))
     assert any(r["figure"] == "targets" for r in rows)
     assert Image.open(os.path.join(out_dir, "bench.png")).size[0] > 100
+    assert not any("img_per_s" in r for r in rows if r["figure"] in ("micro", "skipped"))
     printed = capsys.readouterr().out
     assert "skipped no-such-backend" in printed  # a missing backend is reported, not a crash
 
@@ -35,7 +39,7 @@ def test_bench_skips_unavailable_optional_backends_with_a_reason(monkeypatch, tm
     import pipelines
 
     monkeypatch.setattr(pipelines, "available_backends", lambda: {"ffcv": "No module named 'ffcv'; install it"})
-    assert bench.main([*TINY_MODEL, "--backend=ffcv", f"--data={sample_root}", f"--out-dir={tmp_path}",
+    assert bench_main([*TINY_MODEL, "--backend=ffcv", f"--data={sample_root}", f"--out-dir={tmp_path}",
                        "--skip=decode,baseline,step,roi"]) == 0
     assert "skipped ffcv: No module named 'ffcv'" in capsys.readouterr().out
 
@@ -44,5 +48,30 @@ def test_show_writes_a_grid(tmp_path, sample_root):
     out = str(tmp_path / "views.png")
     assert show.main([f"--data={sample_root}", "--arch=resnet18", "--image_size=64", "--box_min_size=8",
                       f"--out={out}", "--images=3"]) == 0
-    image = Image.open(out)
-    assert image.size == (3 * 64 + 8, 3 * (64 + 4))
+    image = Image.open(out).convert("L")
+    side = 64 * 3  # 64 px views are enlarged 3x (show.MIN_SIDE)
+    assert image.size == (3 * side + 2 * show.GAP, show.HEADER + 3 * (side + show.GAP) + show.FOOTER)
+    title, key = image.crop((0, 0, image.width, show.HEADER)), image.crop((0, image.height - show.FOOTER, image.width,
+                                                                            image.height))
+    assert title.getextrema()[0] < 100 and key.getextrema()[0] < 100  # column titles and the colour key are drawn
+
+
+def test_timing_warms_up_then_interleaves_the_timed_calls():
+    import torch
+
+    from maskco.bench import timing
+
+    calls = []
+    seconds = timing.call_seconds([lambda: calls.append("a"), lambda: calls.append("b")], torch.device("cpu"),
+                                  repeats=3, warmup=2)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3
+    assert [len(s) for s in seconds] == [3, 3] and all(s >= 0 for s in seconds[0] + seconds[1])
+    assert timing.spread([3.0, 1.0, 2.0], "img_per_s") == {"img_per_s": 2.0, "min": 1.0, "max": 3.0, "repeats": 3}
+
+
+def test_micro_benchmarks_report_latencies_not_rates():
+    rows = micro.run("cpu", repeats=1)
+    assert {row["impl"] for row in rows} == {"fused", "reference"}
+    assert all(row["ms_per_call"] > 0 and row["unit"] == "ms per call" and "img_per_s" not in row for row in rows)
+    assert all(row["speedup"] > 0 for row in rows if row["impl"] == "fused" and "roi_pool" in row["group"])
+    assert "median ms" in micro.format_table(rows)

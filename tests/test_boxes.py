@@ -1,4 +1,4 @@
-"""maskco.boxes: crop windows -> masked box, positive and negatives (DESIGN.md 4.2)."""
+"""maskco.boxes: crop windows -> masked box, positive and negatives (docs/DESIGN.md 4.2)."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""maskco.loss: batched InfoNCE logits against a loop written from the paper (DESIGN.md 4.6)."""
+"""maskco.loss: batched InfoNCE logits against a loop written from the paper (docs/DESIGN.md 4.6)."""
 import math
 
 import pytest

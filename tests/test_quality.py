@@ -85,7 +85,8 @@ def test_quality_writes_every_row_and_the_figure(tmp_path, fake_fmnist):
     assert rows[0]["settings"] and rows[0]["budget_steps"] == 4  # 2 epochs x 16 images / 8
     assert [row["method"] for row in rows[1:]] == ["random_init", "maskco", "mocov2", "maskco_half_pixel"]
     for row in rows[1:]:
-        keys = ["knn_top1", "linear_last_res5", *[f"linear_multi_{s}" for s in ("conv1", "res2", "res3", "res4", "res5")]]
+        stages = ("conv1", "res2", "res3", "res4", "res5")
+        keys = ["knn_top1", "linear_last_res5", *[f"linear_multi_{s}" for s in stages]]
         assert all(0 <= row[key] <= 100 for key in keys), row
     for row in rows[2:]:
         assert row["steps"] == 4 and [step for step, _ in row["knn_curve"]] == [2, 4]

@@ -1,4 +1,4 @@
-"""maskco.roi: the fused RoI-align-pool equals torchvision roi_align(...).mean((2, 3)) (DESIGN.md 4.5)."""
+"""maskco.roi: the fused RoI-align-pool equals torchvision roi_align(...).mean((2, 3)) (docs/DESIGN.md 4.5)."""
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st

@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from maskco.bench_timing import loader_rate, timed
+from maskco.bench.timing import loader_rate, timed
 
 
 # ---- 1. decode ceiling

@@ -1,19 +1,18 @@
 """Micro-benchmarks of the fused RoI pool (vs torchvision) and the contrastive loss, forward + backward.
 
-    python -m maskco.microbench [--device cpu|cuda] [--repeats R]
+    python -m maskco.bench.micro [--device cpu|cuda] [--repeats R]
 
 Shapes are the paper's per-GPU ones: 32 images, 1 + 16 key boxes each, a 7 x 7 x 2048 C5 map
 (224-pixel views, stride 32), aligned RoI-align; loss with N = 32, M = 16, C = 128. A fused case and
 its reference are timed in alternation within one run, so their ratio survives a noisy shared
-machine even when the absolute numbers do not. ``run()`` returns the rows for ``maskco/bench.py``.
+machine even when the absolute numbers do not (``timing.call_seconds``). ``run()`` returns the rows
+for ``python -m maskco.bench``: latencies in milliseconds per call, never a rate.
 """
 import argparse
-import statistics
-import time
 
 import torch
 
-from maskco.bench_timing import sync
+from maskco.bench.timing import call_seconds, spread
 from maskco.loss import contrastive_loss
 from maskco.roi import roi_pool, roi_pool_reference
 
@@ -60,38 +59,23 @@ def _loss_cases(device, generator):
     return cases
 
 
-def _time(step, device):
-    sync(device)
-    start = time.perf_counter()
-    step()
-    sync(device)  # wait for exactly the queued work of this step
-    return (time.perf_counter() - start) * 1e3
-
-
 def run(device="cpu", repeats=None):
-    """Time every case ``repeats`` times (default 5 on CPU, 50 on CUDA) after a warm-up, cases of a
-    group interleaved. Returns one dict per case: group, impl, device, threads, repeats, median_ms,
-    min_ms, max_ms, and for fused cases with a reference speedup = reference median / fused median."""
+    """Time every case ``repeats`` times (default 5 on CPU, 50 on CUDA) after a warm-up, all cases
+    interleaved. Returns one dict per case: group, impl, device, threads, and the latency in ms per
+    call (``ms_per_call`` median, ``min``, ``max``, ``repeats``); fused cases with a reference also get
+    ``speedup`` = reference median / fused median."""
     device = torch.device(device)
     repeats = repeats or (50 if device.type == "cuda" else 5)
     generator = torch.Generator().manual_seed(0)
     cases = _roi_cases(device, generator) + _loss_cases(device, generator)
-    for _, _, step in cases:  # warm-up: kernel selection, allocator, lazy init
-        for _ in range(1 if device.type == "cpu" else 3):
-            step()
-    times = [[] for _ in cases]
-    for _ in range(repeats):
-        for slot, (_, _, step) in enumerate(cases):
-            times[slot].append(_time(step, device))
-    rows = []
-    for (group, impl, _), measured in zip(cases, times):
-        rows.append({"group": group, "impl": impl, "device": str(device), "threads": torch.get_num_threads(),
-                     "repeats": repeats, "median_ms": statistics.median(measured),
-                     "min_ms": min(measured), "max_ms": max(measured)})
-    medians = {(row["group"], row["impl"]): row["median_ms"] for row in rows}
+    seconds = call_seconds([step for _, _, step in cases], device, repeats, warmup=1 if device.type == "cpu" else 3)
+    rows = [{"group": group, "impl": impl, "device": str(device), "threads": torch.get_num_threads(),
+             **spread([1e3 * s for s in measured], "ms_per_call"), "unit": "ms per call"}
+            for (group, impl, _), measured in zip(cases, seconds)]
+    medians = {(row["group"], row["impl"]): row["ms_per_call"] for row in rows}
     for row in rows:
         if row["impl"] == "fused" and (row["group"], "reference") in medians:
-            row["speedup"] = medians[(row["group"], "reference")] / row["median_ms"]
+            row["speedup"] = medians[(row["group"], "reference")] / row["ms_per_call"]
     return rows
 
 
@@ -99,13 +83,13 @@ def format_table(rows):
     lines = [f"{'case':<52} {'impl':<10} {'median ms':>10} {'min':>9} {'max':>9} {'speedup':>8}"]
     for row in rows:
         speedup = f"{row['speedup']:.1f}x" if "speedup" in row else ""
-        lines.append(f"{row['group']:<52} {row['impl']:<10} {row['median_ms']:>10.2f} "
-                     f"{row['min_ms']:>9.2f} {row['max_ms']:>9.2f} {speedup:>8}")
+        lines.append(f"{row['group']:<52} {row['impl']:<10} {row['ms_per_call']:>10.2f} "
+                     f"{row['min']:>9.2f} {row['max']:>9.2f} {speedup:>8}")
     return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m maskco.bench.micro", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--repeats", type=int, default=None, help="timed runs per case (default 5 on CPU, 50 on CUDA)")
     args = parser.parse_args(argv)

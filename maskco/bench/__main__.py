@@ -1,0 +1,129 @@
+"""``python -m maskco.bench``: where the time goes, against baselines measured in the same run.
+
+Figures (img/s unless noted; median and spread over repeats, each after a warm-up, the device
+synchronised around the timed region: ``maskco.bench.timing``):
+  decode      decode-only ceiling: libjpeg-turbo (torchvision.io.decode_jpeg) on the same files and threads
+  baseline    the reference MoCo v2 input pipeline (ImageFolder + PIL + two-crop MoCo v2 transforms)
+  loader      each backend's Batch (two uint8 views + windows) on the device
+  ready       loader + boxes + photometric augmentation + masking + normalisation (what the model eats)
+  step        train step on synthetic ready inputs: maskco and mocov2, with and without the MPH
+  e2e         real data, full step, per backend; and the fraction of the time spent waiting for data
+  roi_pool    fused vs reference, forward + backward: latency in ms per call (maskco.bench.micro)
+Output: a table on the terminal, JSON lines in out_dir/bench.jsonl, a chart out_dir/bench.png.
+The package: timing (the one timing primitive), baselines (decode ceiling, MoCo v2 loader), figures
+(loader, ready, step, e2e), micro (RoI pool and loss), report (table, JSON lines, targets), chart.
+"""
+from __future__ import annotations
+
+
+import json
+import os
+import sys
+
+import torch
+
+import pipelines
+from maskco import cli
+from maskco.bench import micro
+from maskco.bench.baselines import baseline_loader, decode_ceiling
+from maskco.bench.figures import backend_figures, step_figures
+from maskco.bench.report import environment, report, targets
+from maskco.config import build_config
+
+
+def main(argv=None) -> int:
+    parser = cli.ArgumentParser(prog="python -m maskco.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--backend", default="all", help="all | torch | ffcv | dali | dali-cpu (comma list)")
+    parser.add_argument("--data", default="", help="ImageFolder root (default: a generated benchmark set)")
+    parser.add_argument("--ffcv-data", default="", help=".beton for the ffcv backend (default: written from --data)")
+    parser.add_argument("--images", type=int, default=1000, help="size of the generated benchmark set")
+    parser.add_argument("--config", default="", help="a preset for the model (default: ResNet-50 defaults)")
+    parser.add_argument("--arch", default="", help="default: resnet50 on a GPU, resnet18 on a CPU (where a "
+                        "ResNet-50 step takes tens of seconds)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--batches", type=int, default=0,
+                        help="batches per timed loader repeat (0: 8 x threads, so that the batches a loader "
+                             "prefetched before the clock started - about 2 per worker - weigh little)")
+    parser.add_argument("--steps", type=int, default=0, help="steps per timed step repeat (0: 10 on a GPU, 1 on a CPU)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--skip", default="", help="comma list of figures to skip: decode,baseline,loader,step,e2e,roi")
+    parser.add_argument("--out-dir", default="runs/bench")
+    args = parser.parse_args(argv)
+    args.batches = args.batches or max(8, 8 * args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    skip = set(filter(None, args.skip.split(",")))
+    args.arch = args.arch or ("resnet50" if device.type == "cuda" else "resnet18")
+    args.steps = args.steps or (10 if device.type == "cuda" else 1)
+    cfg = build_config([args.config] if args.config else [], base=dict(
+        arch=args.arch, batch_size=args.batch_size, image_size=args.image_size,
+        box_min_size=min(16.0, args.image_size / 8), workers=args.threads))
+    env = environment(device, args.threads)
+    print(json.dumps(env))
+    root = args.data
+    if not root:
+        from pipelines.sample_data import make_sample_data
+
+        root = make_sample_data(os.path.join("data", f"bench{args.images}"), num_images=args.images)
+    from pipelines.sources import list_images
+
+    paths = list_images(root).paths
+    rows = []
+
+    def add(new_rows):
+        for row in new_rows:
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    if "decode" not in skip:
+        add([{"figure": "decode", "name": "decode", **decode_ceiling(paths, args.threads, device, args.repeats)}])
+    if "baseline" not in skip:
+        add([{"figure": "baseline", "name": "baseline",
+              **baseline_loader(root, args.batch_size, args.image_size, args.threads, device, args.batches)}])
+    wanted = list(pipelines.BACKENDS) if args.backend == "all" else args.backend.split(",")
+    available = pipelines.available_backends()
+    for backend in wanted:
+        if available.get(backend, "unknown backend"):
+            add([{"figure": "skipped", "name": backend, "reason": available.get(backend, "unknown backend")}])
+            continue
+        if backend == "dali" and device.type != "cuda":
+            add([{"figure": "skipped", "name": backend, "reason": "no CUDA device (dali-cpu runs DALI on the CPU)"}])
+            continue
+        source = root
+        if backend == "ffcv":
+            source = args.ffcv_data or _beton(root, args.out_dir)
+        if "loader" not in skip:
+            # on a GPU the loader must outrun the step for many batches; on a CPU the step dominates
+            e2e_batches = 0 if "e2e" in skip else (args.batches if device.type == "cuda" else args.steps)
+            add(backend_figures(backend, source, cfg, device, args.threads, args.batches, e2e_batches))
+    if "step" not in skip:
+        add(step_figures(cfg, device, args.steps, args.repeats))
+    if "roi" not in skip:
+        add([{"figure": "micro", "name": f"{r['group']} {r['impl']}", **r}  # latencies: ms per call, no rate
+             for r in micro.run(device, None if device.type == "cpu" else 20)])
+    report([r for r in rows if r["figure"] != "skipped"], args.out_dir, env)
+    for row in rows:
+        if row["figure"] == "skipped":
+            print(f"skipped {row['name']}: {row['reason']}")
+    for line in targets(rows):
+        print(line)
+    with open(os.path.join(args.out_dir, "bench.jsonl"), "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({**env, "figure": "targets", "lines": targets(rows)}) + "\n")
+    return 0
+
+
+def _beton(root: str, out_dir: str) -> str:
+    """Write (once) a .beton of the benchmark images for the ffcv backend."""
+    from pipelines import ffcv_writer
+
+    path = os.path.join(out_dir, os.path.basename(os.path.normpath(root)) + ".beton")
+    if not os.path.exists(path):
+        ffcv_writer.write_beton(root, path)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The bench's output: the environment record, the JSON lines, the terminal table, the chart
+(``chart.py``), and the targets of the benchmark issue as ratios of figures measured in the same run
+(reported, never asserted)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import torch
+
+from maskco.runlog import git_revision
+
+
+def environment(device, threads: int) -> dict:
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {"machine": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": threads, "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
+            "git": git_revision(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def value(row: dict) -> tuple[float, str]:
+    """(median, unit) of a measured row: images per second, or a latency in ms per call."""
+    return (row["ms_per_call"], "ms/call") if "ms_per_call" in row else (row["img_per_s"], "img/s")
+
+
+def report(rows: list[dict], out_dir: str, env: dict) -> None:
+    from maskco.bench.chart import chart
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench.jsonl"), "a", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps({**env, **row}) + "\n")
+    ceiling = next((r for r in rows if r["figure"] == "decode"), None)
+    baseline = next((r for r in rows if r["figure"] == "baseline"), None)
+    print(f"\n{'figure':<16}{'name':<52}{'median':>10}{'min-max':>20}  {'unit':<8} vs")
+    for row in rows:
+        reference = {"loader": ceiling, "ready": baseline}.get(row["figure"])
+        ratio = f"{row['img_per_s'] / reference['img_per_s']:.2f}x {reference['figure']}" if reference else ""
+        if "data_wait" in row:
+            ratio += f"waiting for data {row['data_wait']:.0%}"
+        if "speedup" in row:
+            ratio += f"{row['speedup']:.1f}x faster than the reference"
+        median, unit = value(row)
+        spread = f"{row['min']:.1f}-{row['max']:.1f}"
+        print(f"{row['figure']:<16}{row['name']:<52}{median:>10.1f}{spread:>20}  {unit:<8} {ratio}")
+    chart(rows, os.path.join(out_dir, "bench.png"), env)
+
+
+# each MaskCo step row and the same-network MoCo row it is compared with
+STEP_PAIRS = (("MaskCo", "MoCo v2-like (mph=attn)"), ("MaskCo (mph=none)", "MoCo v2"))
+METHOD_ONLY = "boxes+mask+roi_pool+logits"  # what MaskCo adds to a MoCo step, timed alone
+
+
+def target_rates(rows: list[dict]) -> dict:
+    """(figure, name) -> the img/s that bar must reach to meet its target, from figures of this run."""
+    get = {(r["figure"], r["name"]): r["img_per_s"] for r in rows if "img_per_s" in r}
+    wanted = {}
+    if ("baseline", "baseline") in get:
+        for (figure, name) in get:
+            if figure == "ready":
+                wanted[figure, name] = 3 * get["baseline", "baseline"]  # ready inputs >= 3x the baseline loader
+    if ("decode", "decode") in get:
+        for (figure, name) in get:
+            if figure == "loader":
+                wanted[figure, name] = 0.5 * get["decode", "decode"]  # loader >= 50 % of the decode ceiling
+    for maskco_name, moco_name in STEP_PAIRS:
+        if ("step", moco_name) in get:
+            wanted["step", maskco_name] = get["step", moco_name] / 1.15  # step time <= 1.15x MoCo's
+    if ("step", "MaskCo") in get:
+        wanted["method_only", METHOD_ONLY] = get["step", "MaskCo"] / 0.03  # <= 3 % of a step's time
+    if ("step", "ready+maskco") in get:
+        for (figure, name) in get:
+            if figure == "e2e":
+                wanted[figure, name] = 0.95 * get["step", "ready+maskco"]  # GPU target: never wait for data
+    return wanted
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, as ratios of figures measured in this run (reported, never asserted)."""
+    get = {(r["figure"], r["name"]): r["img_per_s"] for r in rows if "img_per_s" in r}
+    lines = []
+    best_ready = max((v for (f, _), v in get.items() if f == "ready"), default=None)
+    best_loader = max((v for (f, _), v in get.items() if f == "loader"), default=None)
+    if best_ready and ("baseline", "baseline") in get:
+        ratio = best_ready / get["baseline", "baseline"]
+        lines.append(f"best ready inputs / baseline loader = {ratio:.2f}x (target >= 3x)")
+    if best_loader and ("decode", "decode") in get:
+        lines.append(f"best loader / decode ceiling = {best_loader / get['decode', 'decode']:.0%} (target >= 50%)")
+    for maskco_name, moco_name in STEP_PAIRS:
+        maskco, mocov2 = get.get(("step", maskco_name)), get.get(("step", moco_name))
+        if maskco and mocov2:
+            lines.append(f"{maskco_name} step time / {moco_name} step time = {mocov2 / maskco:.3f}x (target <= 1.15x)")
+    step = get.get(("step", "MaskCo"))
+    ready = get.get(("ready_synthetic", "boxes+augment+mask"))
+    method = get.get(("method_only", METHOD_ONLY))
+    if ready and step:
+        lines.append(f"boxes+augment+mask time / maskco step time = {step / ready:.1%}")
+    if method and step:
+        lines.append(f"{METHOD_ONLY} time / maskco step time = {step / method:.1%} (target <= 3%)")
+    for (figure, name), rate in get.items():
+        if figure == "e2e" and ("step", "ready+maskco") in get:
+            lines.append(f"e2e {name} / (ready inputs + step on a synthetic batch) = "
+                         f"{rate / get['step', 'ready+maskco']:.0%} (GPU target >= 95%)")
+    return lines

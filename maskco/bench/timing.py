@@ -1,0 +1,65 @@
+"""How the bench times things, for every figure and every micro-benchmark: warm-up calls, the device
+synchronised around each timed call, repeats, median and spread (machines are shared and noisy, so
+every figure is a distribution)."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def call_seconds(fns: Sequence[Callable[[], object]], device: torch.device, repeats: int,
+                 warmup: int = 1) -> list[list[float]]:
+    """Seconds of each timed call of each function: ``warmup`` untimed calls of each, then ``repeats``
+    rounds that call every function once in turn. Interleaving keeps the ratio of two functions
+    (fused / reference) meaningful when the machine's speed drifts during the run."""
+    for fn in fns:
+        for _ in range(warmup):  # kernel selection, allocator, lazy init, loader workers
+            fn()
+    seconds = [[] for _ in fns]
+    for _ in range(repeats):
+        for slot, fn in enumerate(fns):
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)  # wait for exactly the queued work of this call
+            seconds[slot].append(time.perf_counter() - start)
+    return seconds
+
+
+def spread(values: Sequence[float], key: str) -> dict:
+    """``{key: median, "min": ..., "max": ..., "repeats": n}``."""
+    return {key: statistics.median(values), "min": min(values), "max": max(values), "repeats": len(values)}
+
+
+def timed(fn, items_per_call: int, device: torch.device, repeats: int, warmup: int = 1) -> dict:
+    """Images per second of ``fn`` (which handles ``items_per_call`` images per call): median and spread."""
+    (seconds,) = call_seconds([fn], device, repeats, warmup)
+    return spread([items_per_call / s for s in seconds], "img_per_s")
+
+
+def loader_rate(loader, batches: int, batch_size: int, device, consume, repeats: int = 3) -> dict:
+    """Images per second of ``batches`` batches of ``loader``, each given to ``consume`` (after one
+    warm-up batch: workers started), ``repeats`` times; the loader restarts when an epoch runs out."""
+    state = {"iterator": iter(loader), "epoch": 0}
+
+    def next_batch():
+        try:
+            return next(state["iterator"])
+        except StopIteration:
+            state["epoch"] += 1
+            if hasattr(loader, "set_epoch"):  # the baseline's DataLoader has none
+                loader.set_epoch(state["epoch"])
+            state["iterator"] = iter(loader)
+            return next(state["iterator"])
+
+    consume(next_batch())
+    return timed(lambda: [consume(next_batch()) for _ in range(batches)], batches * batch_size, device, repeats,
+                 warmup=0)
