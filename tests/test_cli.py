@@ -162,7 +162,7 @@ def test_piped_run_prints_json_and_a_rerun_of_a_finished_run_does_nothing(tmp_pa
 def test_signals_are_named():
     assert signal_name(15) == "SIGTERM" and signal_name(2) == "SIGINT"
     line = train_lines({"interrupted": "SIGTERM", "step": 3, "checkpoint": "c.pt", "hint": "run it again"})
-    assert line == "interrupted by SIGTERM at step 3; checkpoint c.pt; run it again"
+    assert line == "interrupted by SIGTERM: stopped at step 3; checkpoint c.pt; run it again"
 
 
 # ---- 3. resume says what it decided; a changed model gets its own out_dir
