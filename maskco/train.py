@@ -44,23 +44,23 @@ def checkpoint_state(cfg: Config, run: Run, state: LoopState, steps_per_epoch: i
     }
 
 
-def find_resume(cfg: Config, store: checkpoint.Store, log: RunLog) -> Optional[str]:
-    """The checkpoint to resume from, chosen on rank 0 (the newest that verifies) and the same on every
-    rank; a CheckpointError on rank 0 is raised on every rank."""
-    choice: tuple = (None, None)
+def find_resume(cfg: Config, store: checkpoint.Store, log: RunLog) -> tuple[Optional[str], Optional[dict]]:
+    """The checkpoint to resume from -> (path, state): chosen on rank 0 (the newest that verifies) and the
+    same path on every rank; the state is rank 0's, already loaded (None on the other ranks, which load
+    the path themselves). A CheckpointError on rank 0 is raised on every rank."""
+    path, state, error = None, None, None
     if dist.get_rank() == 0:
         try:
             if cfg.resume == "auto":
-                choice = (store.load_latest(lambda message: log.write({"warning": message}))[0], None)
+                path, state = store.load_latest(lambda message: log.write({"warning": message}))
             elif cfg.resume != "none":
-                checkpoint.load(cfg.resume)  # verified here, loaded again by every rank
-                choice = (cfg.resume, None)
-        except checkpoint.CheckpointError as error:
-            choice = (None, str(error))
-    path, error = dist.broadcast_object(choice)
+                path, state = cfg.resume, checkpoint.load(cfg.resume)
+        except checkpoint.CheckpointError as failure:
+            error = str(failure)
+    path, error = dist.broadcast_object((path, error))
     if error:
         raise checkpoint.CheckpointError(error)
-    return path
+    return path, state
 
 
 def resume_position(state: dict, path: str, data: dict, global_batch_now: int, steps_per_epoch: int,
@@ -98,14 +98,18 @@ def _describe(data: dict) -> str:
     return f"{data.get('images')} images, listing {data.get('listing_sha256')}, backend {data.get('backend')}"
 
 
-def restore(cfg: Config, run: Run, path: str, steps_per_epoch: int, data: dict, log: RunLog) -> LoopState:
-    state = checkpoint.load(path, verify=False)  # verified on rank 0 by find_resume
+def restore(cfg: Config, run: Run, path: str, state: Optional[dict], steps_per_epoch: int, data: dict,
+            log: RunLog) -> LoopState:
+    """Load ``path`` (or rank 0's ``state``, already loaded by find_resume) into ``run``; every check
+    comes before anything is loaded."""
+    if state is None:
+        state = checkpoint.load(path, verify=False)  # verified on rank 0 by find_resume
     checkpoint.check_compatible(state, cfg.to_dict(), path)
+    check_precision(state, run.scaler, path)
     step = resume_position(state, path, data, run.global_batch, steps_per_epoch, log)
     unwrap(run.encoder_q).load_state_dict(state["encoder_q"])
     run.encoder_k.load_state_dict(state["encoder_k"])
     run.optimizer.load_state_dict(state["optimizer"])
-    check_precision(state, run.scaler, path)
     run.scaler.load_state_dict(state["scaler"])
     if run.queue is not None and state.get("queue") is not None:
         run.queue.load_state_dict(state["queue"])
@@ -115,7 +119,8 @@ def restore(cfg: Config, run: Run, path: str, steps_per_epoch: int, data: dict, 
 
 
 def weights_finite(module: torch.nn.Module) -> bool:
-    """Every parameter finite (one reduction, one sync: called before a checkpoint or an export)."""
+    """Every parameter finite (one reduction, one sync: called before every checkpoint; the export
+    follows the last one)."""
     norms = torch._foreach_norm([p.detach() for p in module.parameters()])
     return bool(torch.stack(norms).isfinite().all())
 
@@ -191,9 +196,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     # ---- resume, then train
     state = LoopState()
-    resume = find_resume(cfg, store, log)
+    resume, stored = find_resume(cfg, store, log)
     if resume:
-        state = restore(cfg, run, resume, steps_per_epoch, data, log)
+        state = restore(cfg, run, resume, stored, steps_per_epoch, data, log)
+    del stored  # the encoders and the optimiser hold what is needed of it
     if state.step >= stop_step:  # a finished run: say so and touch nothing (no log lines, no new exports)
         log.discard()
         log.show({"already_finished": state.step, "out_dir": cfg.out_dir, "checkpoint": resume})
