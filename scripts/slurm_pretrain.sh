@@ -58,7 +58,8 @@ fi
 JOB_ID=${SLURM_JOB_ID:?slurm_pretrain.sh runs inside a SLURM job: submit it with sbatch}
 NODES=${SLURM_JOB_NUM_NODES:-1}
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
-HEAD_NODE=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | head -n 1)
+# awk reads every line: `head -n 1` would leave scontrol to die of SIGPIPE, which pipefail makes fatal
+HEAD_NODE=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" | awk "NR == 1")
 PORT=$(( 20000 + JOB_ID % 20000 ))  # per job: two jobs sharing a head node do not collide
 mkdir -p "$REPO/logs"
 cd "$REPO"
