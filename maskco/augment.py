@@ -214,22 +214,30 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
 
 
 def normalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """(x - mean) / std per channel; x float [N, 3, H, W]."""
-    # non_blocking: a blocking host -> GPU copy would synchronise the stream every step.
-    mean = torch.tensor(mean, dtype=x.dtype)[:, None, None].to(x.device, non_blocking=True)  # [3, 1, 1]
-    std = torch.tensor(std, dtype=x.dtype)[:, None, None].to(x.device, non_blocking=True)
+    """(x - mean) / std per channel; x float [N, 3, H, W]; mean, std: 3 numbers or [3, 1, 1] tensors
+    on x's device (:func:`normalize_constants`: what a compiled or graph-captured step passes, so that
+    its graph holds no host-to-device copy)."""
+    if not isinstance(mean, torch.Tensor):
+        mean, std = normalize_constants(x.device, x.dtype, mean, std)
     return (x - mean) / std
 
 
+def normalize_constants(device, dtype=torch.float32, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> tuple:
+    """(mean, std) as [3, 1, 1] tensors on ``device``."""
+    # non_blocking: a blocking host -> GPU copy would synchronise the stream every step.
+    return tuple(torch.tensor(v, dtype=dtype)[:, None, None].to(device, non_blocking=True) for v in (mean, std))
+
+
 def mask_boxes(x: torch.Tensor, boxes: torch.Tensor, mode: str = "zero",
-               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+               generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Fill each sample's box; x normalised float [N, 3, H, W], boxes float [N, 4] xyxy in pixels.
 
     Pixel (row i, col j) is inside when its centre lies in the half-open box:
     x0 <= j + 0.5 < x1 and y0 <= i + 0.5 < y1 (so boxes that share an edge never share a pixel).
     Modes: ``zero`` (0 = the dataset mean colour after normalisation), ``noise`` (standard normal,
     drawn from ``generator``), ``blur`` (a strongly blurred copy of the image, sigma = S / 16),
-    ``none`` (x unchanged: the paper's no-mask ablation).
+    ``none`` (x unchanged: the paper's no-mask ablation). ``noise``: the ``noise`` mode's fill drawn
+    beforehand (:func:`draw_mask_noise`), instead of drawing it here from ``generator``.
     """
     if mode not in MASK_MODES:
         raise ValueError(f"mode must be one of {MASK_MODES}, got {mode!r}")
@@ -249,11 +257,16 @@ def mask_boxes(x: torch.Tensor, boxes: torch.Tensor, mode: str = "zero",
     if mode == "zero":
         return x.masked_fill(inside, 0.0)
     if mode == "noise":
-        fill = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        fill = draw_mask_noise(x.shape, generator, x.device, x.dtype) if noise is None else noise
     else:  # blur
         sigma = torch.full((n,), MASK_BLUR_SIGMA * min(h, w), device=x.device)  # [N]
         fill = gaussian_blur(x, sigma, mask_blur_kernel_size(min(h, w)))
     return torch.where(inside, fill, x)  # [N, 3, H, W]
+
+
+def draw_mask_noise(shape, generator: Optional[torch.Generator], device, dtype=torch.float32) -> torch.Tensor:
+    """The ``noise`` mask's fill: standard normal of the query views' shape [N, 3, S, S]."""
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
 def prepare_views(view_q: torch.Tensor, view_k: torch.Tensor, masked: torch.Tensor,
@@ -277,10 +290,25 @@ def prepare_views(view_q: torch.Tensor, view_k: torch.Tensor, masked: torch.Tens
     n = view_q.shape[0]
     if masked.shape != (n, 4):
         raise ValueError(f"masked must have shape [{n}, 4] to match view_q, got {tuple(masked.shape)}")
-    # Both views as one batch of 2N: half the kernel launches, which dominate at 32 images per GPU.
     params = sample_photometric(2 * n, generator, view_q.device, **photometric)  # rows n.. = key
-    x = normalize(apply_photometric(torch.cat([view_q, view_k]), params, blur_kernel_size))
-    x_q = mask_boxes(x[:n], masked, mask_mode, generator)  # the key view is never masked
+    noise = draw_mask_noise(view_q.shape, generator, view_q.device) if mask_mode == "noise" else None
+    return views_from_params(view_q, view_k, masked, params, noise, mask_mode=mask_mode, out_dtype=out_dtype,
+                             channels_last=channels_last, blur_kernel_size=blur_kernel_size)
+
+
+def views_from_params(view_q: torch.Tensor, view_k: torch.Tensor, masked: torch.Tensor, params: PhotometricParams,
+                      mask_noise: Optional[torch.Tensor], *, mask_mode: str = "zero",
+                      out_dtype: torch.dtype = torch.float32, channels_last: bool = True,
+                      blur_kernel_size: Optional[int] = None, mean_std: Optional[tuple] = None) -> tuple:
+    """:func:`prepare_views` given its random draws (``params`` for 2N rows, query first; the
+    ``noise`` mask's fill): a pure function of tensors with static shapes and no host sync, what the
+    compiled step runs. ``mean_std``: :func:`normalize_constants` on the views' device (made here if
+    None). No argument checks."""
+    n = view_q.shape[0]
+    # Both views as one batch of 2N: half the kernel launches, which dominate at 32 images per GPU.
+    x = apply_photometric(torch.cat([view_q, view_k]), params, blur_kernel_size)
+    x = normalize(x, *mean_std) if mean_std is not None else normalize(x)
+    x_q = mask_boxes(x[:n], masked, mask_mode, noise=mask_noise)  # the key view is never masked
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return x_q.to(dtype=out_dtype, memory_format=fmt), x[n:].to(dtype=out_dtype, memory_format=fmt)
 

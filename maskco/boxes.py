@@ -8,7 +8,8 @@ u in [0, S] sits at source x = x0 + (u / S)(x1 - x0), or x0 + (1 - u / S)(x1 - x
 The masked box is drawn in source coordinates inside the overlap of the two crops and mapped into
 both views, so the query's masked region and the key's positive show the same part of the image.
 Negatives are drawn in the key view. Everything is batched tensor code on the crops' device; the
-only random source is the explicit ``generator``.
+only random source is the explicit ``generator``; :func:`boxes_from_uniforms` is the same given its
+random numbers (:func:`draw_uniforms`), what the compiled step runs.
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import operator
 from typing import NamedTuple, Optional, Sequence
 
 import torch
+
+
+NEGATIVE_TRIES = 16  # candidates drawn per negative box (rejection sampling against negative_max_iou)
 
 
 class BoxSample(NamedTuple):
@@ -75,7 +79,7 @@ def sample_boxes(
     min_size: float = 16.0,
     min_overlap: float = 0.04,
     negative_max_iou: Optional[float] = 0.5,
-    tries: int = 16,
+    tries: int = NEGATIVE_TRIES,
     check_values: bool = True,
 ) -> BoxSample:
     """Draw the masked box, its positive and ``num_negatives`` negative key boxes for each sample.
@@ -98,11 +102,34 @@ def sample_boxes(
     """
     _check_inputs(crop_q, crop_k, image_size, num_negatives, generator, area, aspect, min_size,
                   min_overlap, negative_max_iou, tries, check_values)
-    n, size = crop_q.shape[0], float(image_size)
+    u_box, u_negatives = draw_uniforms(crop_q.shape[0], num_negatives, tries if negative_max_iou is not None else 1,
+                                       generator, crop_q.device, crop_q.dtype)
+    return boxes_from_uniforms(crop_q, crop_k, image_size, u_box, u_negatives, area=area, aspect=aspect,
+                               min_size=min_size, min_overlap=min_overlap, negative_max_iou=negative_max_iou)
+
+
+def draw_uniforms(n: int, num_negatives: int, tries: int, generator: Optional[torch.Generator],
+                  device, dtype=torch.float32) -> tuple:
+    """Every random number :func:`sample_boxes` uses, in its order: ``u_box [N, 4]`` (the masked box's
+    area, aspect and position) then ``u_negatives [N, M, T, 4]`` (T candidates per negative; T = 1
+    when negatives have no IoU limit). Uniform in [0, 1)."""
+    u_box = torch.rand(n, 4, generator=generator, device=device, dtype=dtype)  # [N, 4]
+    u_negatives = torch.rand(n, num_negatives, tries, 4, generator=generator, device=device,
+                             dtype=dtype)  # [N, M, T, 4]
+    return u_box, u_negatives
+
+
+def boxes_from_uniforms(crop_q: torch.Tensor, crop_k: torch.Tensor, image_size: int, u_box: torch.Tensor,
+                        u_negatives: torch.Tensor, *, area: Sequence[float] = (0.04, 0.25),
+                        aspect: Sequence[float] = (0.5, 2.0), min_size: float = 16.0, min_overlap: float = 0.04,
+                        negative_max_iou: Optional[float] = 0.5) -> BoxSample:
+    """:func:`sample_boxes` given its random numbers (:func:`draw_uniforms`): a pure function of
+    tensors with static shapes and no host sync (what the compiled step runs). No argument checks."""
+    size = float(image_size)
     valid, region, min_src = _overlap(crop_q, crop_k, size, min_size, min_overlap)
 
     # ---- the masked box, drawn in source coordinates inside the overlap (the query crop if invalid)
-    u = torch.rand(n, 4, generator=generator, device=crop_q.device, dtype=crop_q.dtype)  # [N, 4]
+    u = u_box  # [N, 4]
     w_px, h_px = _box_sizes(u[:, 0], u[:, 1], area, aspect, size)  # [N] each, query-view pixels
     crop_wh = crop_q[:, 2:4] - crop_q[:, 0:2]  # [N, 2] query crop size in source units
     region_wh = region[:, 2:] - region[:, :2]  # [N, 2]
@@ -115,8 +142,7 @@ def sample_boxes(
     positive = torch.where(valid[:, None], positive, masked)  # no shared region: any finite box will do
 
     # ---- negatives, drawn in the key view with the masked box's size distribution
-    negatives = _sample_negatives(positive, num_negatives, size, generator, area, aspect, min_size,
-                                  negative_max_iou, tries)  # [N, M, 4]
+    negatives = _negatives(positive, u_negatives, size, area, aspect, min_size, negative_max_iou)  # [N, M, 4]
     keys = torch.cat([positive[:, None], negatives], dim=1)  # [N, 1 + M, 4]
     return BoxSample(masked=masked, keys=keys, valid=valid)
 
@@ -146,13 +172,10 @@ def _box_sizes(u_area, u_aspect, area, aspect, size):
     return size * torch.sqrt(fraction * ratio), size * torch.sqrt(fraction / ratio)
 
 
-def _sample_negatives(positive, num, size, generator, area, aspect, min_size, max_iou, tries):
-    """[N, M, 4] key-view boxes: ``tries`` candidates per negative drawn at once, then the first
+def _negatives(positive, u, size, area, aspect, min_size, max_iou):
+    """[N, M, 4] key-view boxes from ``u [N, M, T, 4]``: T candidates per negative, then the first
     with IoU <= max_iou with the positive is kept (rejection sampling, batched), else the least
     overlapping one. Keeping the first accepted candidate keeps the accepted-box distribution."""
-    n, t = positive.shape[0], tries if max_iou is not None else 1
-    u = torch.rand(n, num, t, 4, generator=generator, device=positive.device,
-                   dtype=positive.dtype)  # [N, M, T, 4]
     w, h = _box_sizes(u[..., 0], u[..., 1], area, aspect, size)  # [N, M, T] each
     w, h = w.clamp(min_size, size), h.clamp(min_size, size)
     x0, y0 = u[..., 2] * (size - w), u[..., 3] * (size - h)  # [N, M, T] each

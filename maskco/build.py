@@ -8,11 +8,11 @@ what makes the ranks agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
-from maskco import dist
+from maskco import dist, step
 from maskco.config import Config, ConfigError, global_batch, peak_lr
 from maskco.loss import KeyQueue
 from maskco.method import MethodSpec
@@ -45,6 +45,8 @@ class Run:
     global_batch: int
     log_every: int
     ckpt_every: int
+    step: Any = None  # maskco.step.Step: draws a step's randomness and computes its loss (eager or compiled)
+    prefetch: bool = False  # inputs one step ahead (maskco.step.Prefetcher)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -97,6 +99,19 @@ def build_encoders(cfg: Config, device: torch.device, distributed: bool):
     return encoder_q, key_batchnorm(encoder_k, cfg.key_bn, device, distributed)
 
 
+def check_compile(cfg: Config, device: torch.device) -> None:
+    """ConfigError for a compile setting this device or this torch cannot run."""
+    if not cfg.compile:
+        return
+    if cfg.compile_mode in step.GRAPH_MODES and device.type != "cuda":
+        raise ConfigError(f"compile_mode={cfg.compile_mode} captures CUDA graphs and needs a GPU; on {device.type} "
+                          f"use compile_mode=default or max-autotune-no-cudagraphs")
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if cfg.compile_backend not in backends:
+        raise ConfigError(f"compile_backend={cfg.compile_backend!r} is not a torch.compile backend; use one of "
+                          f"{', '.join(torch._dynamo.list_backends())}")
+
+
 def build_optimizer(cfg: Config, encoder_q: torch.nn.Module, device: torch.device) -> torch.optim.SGD:
     # fused SGD (one kernel for all parameters) on CUDA; the foreach path elsewhere
     fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -117,14 +132,15 @@ def build_queue(cfg: Config, device: torch.device) -> Optional[KeyQueue]:
 def build_run(cfg: Config, info: dist.DistInfo, steps_per_epoch: int) -> Run:
     """Encoders (DDP-wrapped query under a process group), optimiser, scaler, queue and schedule numbers."""
     device = info.device
+    check_compile(cfg, device)
     encoder_q, encoder_k = build_encoders(cfg, device, dist.is_distributed())
     optimizer = build_optimizer(cfg, encoder_q, device)
-    model = torch.compile(encoder_q) if cfg.compile else encoder_q
+    model = encoder_q  # compile=true compiles the whole step (maskco.step.Step), this module inside it
     if dist.is_distributed():
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     precision_dtype = amp_dtype(cfg, device)
     total_steps = cfg.epochs * steps_per_epoch  # the LR / momentum schedules always span all epochs
-    return Run(
+    run = Run(
         encoder_q=model, encoder_k=encoder_k, ema=KeyEncoderEMA(encoder_k, encoder_q), optimizer=optimizer,
         scaler=torch.amp.GradScaler(device.type, enabled=precision_dtype == torch.float16),
         spec=MethodSpec.from_config(cfg, shuffle_bn=cfg.key_bn == "shuffle"), queue=build_queue(cfg, device),
@@ -133,4 +149,7 @@ def build_run(cfg: Config, info: dist.DistInfo, steps_per_epoch: int) -> Run:
         warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)), peak_lr=peak_lr(cfg, info.world_size),
         min_lr=cfg.min_lr, momentum=cfg.momentum, momentum_schedule=cfg.momentum_schedule,
         global_batch=global_batch(cfg, info.world_size), log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
+        prefetch=step.use_prefetch(cfg.prefetch, cfg.backend, device),
     )
+    run.step = step.Step(run, compile=cfg.compile, mode=cfg.compile_mode, backend=cfg.compile_backend)
+    return run

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import yaml
 
 import pipelines
-from maskco import augment
+from maskco import augment, step
 from maskco.model import MPH_KINDS, ROI_CENTERINGS
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
@@ -36,6 +36,8 @@ CHOICES = {
     "roi_centering": ROI_CENTERINGS,
     "backend": tuple(pipelines.BACKENDS),
     "device": ("auto", "cpu", "cuda"),
+    "compile_mode": step.COMPILE_MODES,
+    "prefetch": step.PREFETCH,
 }
 
 
@@ -101,7 +103,10 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (+ GradScaler) | fp32
     channels_last: bool = True  # NHWC memory format for the convolutions
-    compile: bool = False  # torch.compile the query encoder
+    compile: bool = False  # torch.compile the whole step's forward (ready inputs, both encoders, logits, loss) and, through AOTAutograd, its backward
+    compile_mode: str = "default"  # torch.compile mode: default | reduce-overhead (CUDA graphs of the compiled step; CUDA only) | max-autotune-no-cudagraphs | max-autotune (+ CUDA graphs)
+    compile_backend: str = "inductor"  # torch.compile backend (inductor; aot_eager traces and runs AOTAutograd without code generation)
+    prefetch: str = "auto"  # the next batch's copy to the GPU and its ready inputs on a side stream during the step: auto (on for torch/ffcv on CUDA) | on | off
     # ---- run
     seed: int = 0  # seeds the model init, the data order and every random draw of the method
     out_dir: str = "runs/maskco"  # log, checkpoint and exports; a command line that changes the model gets <out_dir>-<key>-<value>
@@ -167,6 +172,8 @@ def _coerce(key: str, value, where: str):
     elif kind is str:
         if value is None:
             value = ""
+        if isinstance(value, bool) and "on" in CHOICES.get(key, ()):  # YAML 1.1 reads on / off as booleans
+            value = "on" if value else "off"
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise bad
         value = str(value)

@@ -194,14 +194,27 @@ def shuffle_batch(x: torch.Tensor, generator: torch.Generator | None) -> tuple[t
     no shuffle, ``(x, None)``: permuting one batch cannot change its BatchNorm statistics.
     https://github.com/facebookresearch/moco/blob/main/moco/builder.py
     """
+    return shuffle_batch_by(x, draw_shuffle(x.shape[0], generator, x.device))
+
+
+def draw_shuffle(n: int, generator: torch.Generator | None, device) -> torch.Tensor | None:
+    """Shuffle-BN's permutation of the ``world_size * n`` gathered images, ``[W*n]`` on ``device`` (the
+    same on every rank when ``generator`` is seeded alike); None in one process (no shuffle)."""
     world_size = get_world_size()
     if world_size == 1:
+        return None
+    drawn_on = generator.device if generator is not None else device
+    return torch.randperm(world_size * n, generator=generator, device=drawn_on).to(device)  # [W*n]
+
+
+@torch.no_grad()
+def shuffle_batch_by(x: torch.Tensor, idx_shuffle: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`shuffle_batch` with the permutation drawn beforehand (:func:`draw_shuffle`); None: ``(x, None)``."""
+    if idx_shuffle is None:
         return x, None
     x_all = concat_all_gather(x)  # [W*N, ...]
-    device = generator.device if generator is not None else x.device
-    idx_shuffle = torch.randperm(x_all.shape[0], generator=generator, device=device).to(x.device)  # [W*N]
     idx_unshuffle = torch.argsort(idx_shuffle)  # [W*N]
-    idx_this = idx_shuffle.view(world_size, -1)[get_rank()]  # [N]
+    idx_this = idx_shuffle.view(get_world_size(), -1)[get_rank()]  # [N]
     return _take_rows(x_all, idx_this), idx_unshuffle
 
 

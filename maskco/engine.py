@@ -2,7 +2,8 @@
 
 Host syncs happen only on log steps (``loss.item()`` and friends); everything else is queued on the
 device. Randomness of the method (boxes, augmentation, mask noise, the shuffle-BN permutation) is a
-function of (seed, step, rank), so a resumed run draws exactly what the uninterrupted one drew.
+function of (seed, step, rank), drawn up front by ``run.step`` (maskco.step), so a resumed run draws
+exactly what the uninterrupted one drew, eager or compiled.
 
 Stopping: SIGINT/SIGTERM set a flag (:class:`StopRequest`); the ranks agree on it every step
 (:class:`StopAgreement`) and stop together one step later, checkpointing that step. A non-finite
@@ -18,8 +19,8 @@ from dataclasses import dataclass, field
 import torch
 
 from maskco import dist, schedule
-from maskco.method import forward_loss, ready_inputs
 from maskco.model import KeyEncoderEMA
+from maskco.step import Prefetcher, plain_steps
 
 
 @dataclass
@@ -112,7 +113,8 @@ class LogWindow:
     def add(self, loss: torch.Tensor, stats: dict, data_wait: float) -> None:
         for name, value in {"loss": loss, **stats}.items():
             value = value.detach().float()
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
+            # a copy: a graph-captured step overwrites its outputs at the next replay
+            self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
         self.steps += 1
         self.data_wait += data_wait
 
@@ -128,10 +130,6 @@ class LogWindow:
         return {**{n: v / world for n, v in zip(names, totals)},
                 "img_per_s": self.steps * global_batch / elapsed, "steps_per_s": self.steps / elapsed,
                 "data_wait": self.data_wait / elapsed, "skipped_images": int(totals[-1])}
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    return (seed * 1_000_003 + step) * 4099 + rank
 
 
 def optimise(value: torch.Tensor, optimizer, scaler, ema: KeyEncoderEMA, momentum: float) -> None:
@@ -152,8 +150,6 @@ def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) ->
     Raises :class:`Diverged` (on every rank) when the logged loss is not finite.
     """
     device = run.device
-    generator = torch.Generator(device=device)  # boxes, augmentation, mask noise: per rank
-    shuffle_generator = torch.Generator(device=device)  # shuffle-BN: identical on every rank
     steps_per_epoch = len(loader)
     window = LogWindow(device)
     agree = StopAgreement()
@@ -162,18 +158,16 @@ def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) ->
         with StopRequest() as stop:
             while state.epoch < run.epochs and state.step < run.stop_step and not state.stop_signal:
                 loader.set_epoch(state.epoch, skip_batches=state.step - state.epoch * steps_per_epoch)
+                # (batch, its step's randomness, its ready inputs made one step ahead or None)
+                steps = Prefetcher(loader, run.step, state.step, run.stop_step) if run.prefetch \
+                    else plain_steps(loader, run.step, state.step)
                 tick = time.perf_counter()
-                for batch in loader:
+                for batch, noise, inputs in steps:
                     data_wait = time.perf_counter() - tick
                     lr = schedule.cosine(state.step, run.total_steps, run.peak_lr, run.min_lr, run.warmup_steps)
                     for group in run.optimizer.param_groups:
                         group["lr"] = lr
-                    generator.manual_seed(step_seed(run.seed, state.step, run.rank))
-                    shuffle_generator.manual_seed(step_seed(run.seed, state.step, 0))
-                    inputs = ready_inputs(batch, run.spec, generator)  # fp32: outside autocast, whatever the precision
-                    with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-                        value, stats, keys = forward_loss(run.encoder_q, run.encoder_k, inputs, run.spec,
-                                                          shuffle_generator, run.queue)
+                    value, stats, keys = run.step.forward(batch, noise, inputs)
                     momentum = schedule.ema_momentum(state.step, run.total_steps, run.momentum,
                                                      run.momentum_schedule)
                     optimise(value, run.optimizer, run.scaler, run.ema, momentum)

@@ -15,28 +15,40 @@ import torch
 import torch.nn.functional
 
 
-@functools.lru_cache(maxsize=64)
-def _logit_index(n, m, intra, other_positives, device):
+def _logit_index_of(n, m, intra, other_positives, device):
     """int64 [n, 1 + K]: for query i, the columns of the [n, n * (1 + m)] all-pairs logits it uses,
-    its positive first. Key (j, b) (image j, box b; box 0 = positive) is column j * (1 + m) + b."""
-    image = torch.arange(n)
+    its positive first. Key (j, b) (image j, box b; box 0 = positive) is column j * (1 + m) + b.
+
+    Static shapes, made on ``device``: a compiled step traces this (an index from a boolean mask
+    would be a data-dependent shape there, and one made on the CPU a host-to-device copy)."""
+    image = torch.arange(n, device=device)
     other = image[:, None, None] != image[None, :, None]  # [n, n, 1]: key image differs from query's
-    is_negative_box = torch.arange(1 + m)[None, None, :] >= 1  # [1, 1, 1 + m]
+    is_negative_box = torch.arange(1 + m, device=device)[None, None, :] >= 1  # [1, 1, 1 + m]
     use = other & is_negative_box  # [n, n, 1 + m]
     if intra:
         use = use | (~other & is_negative_box)
     if other_positives:
         use = use | (other & ~is_negative_box)
-    columns = torch.arange(n * (1 + m)).expand(n, -1)  # [n, n * (1 + m)]
-    negatives = columns[use.reshape(n, -1)].reshape(n, -1)  # [n, K]: every row keeps the same count
+    count = (n - 1) * m + (m if intra else 0) + (n - 1 if other_positives else 0)  # K: the same in every row
+    # the used columns of each row in order: a stable sort brings the Trues (as 0) first
+    order = torch.sort((~use.reshape(n, -1)).to(torch.uint8), dim=1, stable=True).indices  # [n, n * (1 + m)]
     positives = image[:, None] * (1 + m)  # [n, 1]
-    return torch.cat([positives, negatives], dim=1).to(device)  # [n, 1 + K]
+    return torch.cat([positives, order[:, :count]], dim=1)  # [n, 1 + K]
+
+
+_logit_index = functools.lru_cache(maxsize=64)(_logit_index_of)  # eager steps make it once per shape
+
+
+def logit_index(n, m, intra, other_positives, device):
+    """:func:`_logit_index_of`, cached when eager; traced (and constant-folded) under torch.compile."""
+    make = _logit_index_of if torch.compiler.is_compiling() else _logit_index
+    return make(n, m, bool(intra), bool(other_positives), torch.device(device))
 
 
 def negative_index(n, m, intra=False, other_positives=False, device="cpu"):
     """int64 ``[N, K]``: for each query, the columns of ``q @ k.reshape(N * (1 + M), C).T`` that are
     its in-batch negatives (order: by image, then box). Cached per arguments."""
-    return _logit_index(n, m, bool(intra), bool(other_positives), torch.device(device))[:, 1:]
+    return logit_index(n, m, intra, other_positives, device)[:, 1:]
 
 
 def _check(q, k, valid, temperature, extra_negatives):
@@ -63,7 +75,7 @@ def contrastive_logits(q, k, valid, temperature, intra=False, other_positives=Fa
     """
     _check(q, k, valid, temperature, extra_negatives)
     n, groups, c = k.shape
-    index = _logit_index(n, groups - 1, bool(intra), bool(other_positives), q.device)  # [N, 1 + K]
+    index = logit_index(n, groups - 1, intra, other_positives, q.device)  # [N, 1 + K]
     if index.shape[1] == 1 and (extra_negatives is None or extra_negatives.shape[0] == 0):
         raise ValueError(f"k gives a query no negatives (N={n}, M={groups - 1}, intra={intra}, "
                          f"other_positives={other_positives}) and extra_negatives is empty or None")

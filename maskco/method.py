@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from maskco import augment, boxes, loss
+from maskco import augment, boxes, dist, loss
 from maskco.model import key_features
 
 
@@ -61,39 +61,85 @@ class Inputs(NamedTuple):
     valid: torch.Tensor  # [N] bool
 
 
+class Noise(NamedTuple):
+    """Every random tensor one step uses (:func:`draw_noise`); the rest of the step is a pure function
+    of these and the batch (:func:`inputs_from_noise`, :func:`loss_from_inputs`)."""
+
+    box: Optional[torch.Tensor]  # [N, 4] uniforms of the masked box (boxes.draw_uniforms); None for mocov2
+    negatives: Optional[torch.Tensor]  # [N, M, T, 4] uniforms of the negative candidates; None for mocov2
+    photometric: augment.PhotometricParams  # 2N rows: the query views' then the key views'
+    mask: Optional[torch.Tensor]  # [N, 3, S, S] the noise mask's fill (mask_mode=noise only)
+    shuffle: Optional[torch.Tensor]  # [W * N] shuffle-BN's permutation (None: one process, or no shuffle-BN)
+
+
+def draw_noise(spec: MethodSpec, n: int, device, generator: Optional[torch.Generator],
+               shuffle_generator: Optional[torch.Generator] = None, box_dtype=torch.float32) -> Noise:
+    """Draw a step's randomness for ``n`` images on ``device``, in the order the generator-taking
+    functions draw it (boxes.sample_boxes, then augment.prepare_views), so both paths give the same
+    numbers. ``generator``: per rank; ``shuffle_generator``: the same on every rank (shuffle-BN);
+    ``box_dtype``: the crops' dtype (the box uniforms are drawn in it)."""
+    box = negatives = mask = None
+    if spec.method != "mocov2":
+        tries = boxes.NEGATIVE_TRIES if spec.negative_max_iou is not None else 1
+        box, negatives = boxes.draw_uniforms(n, spec.num_negatives, tries, generator, device, box_dtype)
+    photometric = augment.sample_photometric(2 * n, generator, device, **_photometric(spec))
+    if spec.method != "mocov2" and spec.mask_mode == "noise":
+        mask = augment.draw_mask_noise((n, 3, spec.image_size, spec.image_size), generator, device)
+    shuffle = dist.draw_shuffle(n, shuffle_generator, device) if spec.shuffle_bn else None
+    return Noise(box, negatives, photometric, mask, shuffle)
+
+
+def _photometric(spec: MethodSpec) -> dict:
+    return dict(jitter=spec.jitter, jitter_prob=spec.jitter_prob, gray_prob=spec.gray_prob,
+                blur_prob=spec.blur_prob, blur_sigma=spec.blur_sigma)
+
+
 def ready_inputs(batch, spec: MethodSpec, generator: Optional[torch.Generator]) -> Inputs:
-    """Boxes, photometric augmentation, masking and normalisation, batched on the batch's device.
+    """Boxes, photometric augmentation, masking and normalisation, batched on the batch's device,
+    drawing from ``generator`` (:func:`draw_noise` then :func:`inputs_from_noise`). fp32 always."""
+    noise = draw_noise(spec, batch.view_q.shape[0], batch.view_q.device, generator, box_dtype=batch.crop_q.dtype)
+    return inputs_from_noise(batch, spec, noise)
+
+
+def inputs_from_noise(batch, spec: MethodSpec, noise: Noise, mean_std: Optional[tuple] = None) -> Inputs:
+    """The step's inputs from the batch and its drawn randomness: a pure function of tensors with static
+    shapes and no host sync (what the compiled and the graph-captured steps run). ``mean_std``: the
+    normalisation constants on the device (augment.normalize_constants), made here if None.
 
     Always fp32, even when called under autocast: the augmentation (the blur is a conv2d, which autocast
     would run in bf16, ~1 uint8 level off) must not depend on the precision flag; only the encoders do.
     """
     with torch.autocast(batch.view_q.device.type, enabled=False):
-        return _ready_inputs(batch, spec, generator)
-
-
-def _ready_inputs(batch, spec: MethodSpec, generator: Optional[torch.Generator]) -> Inputs:
-    n = batch.view_q.shape[0]
-    photometric = dict(jitter=spec.jitter, jitter_prob=spec.jitter_prob, gray_prob=spec.gray_prob,
-                       blur_prob=spec.blur_prob, blur_sigma=spec.blur_sigma)
-    if spec.method == "mocov2":  # the baseline: no box, nothing masked, whole-view keys
-        nothing = torch.zeros(n, 4, device=batch.view_q.device)
-        x_q, x_k = augment.prepare_views(batch.view_q, batch.view_k, nothing, generator, mask_mode="none",
-                                         channels_last=spec.channels_last, **photometric)
-        return Inputs(x_q, x_k, None, None, torch.ones(n, dtype=torch.bool, device=x_q.device))
-    sample = boxes.sample_boxes(
-        batch.crop_q, batch.crop_k, spec.image_size, spec.num_negatives, generator,
-        area=spec.box_area, aspect=spec.box_aspect, min_size=spec.box_min_size,
-        min_overlap=spec.min_overlap, negative_max_iou=spec.negative_max_iou,
-        check_values=False,  # the loader produced these crops; a check would be a host sync per step
-    )
-    x_q, x_k = augment.prepare_views(batch.view_q, batch.view_k, sample.masked, generator,
-                                     mask_mode=spec.mask_mode, channels_last=spec.channels_last, **photometric)
-    return Inputs(x_q, x_k, sample.masked[:, None], sample.keys, sample.valid)
+        n = batch.view_q.shape[0]
+        views = dict(channels_last=spec.channels_last, mean_std=mean_std)
+        if spec.method == "mocov2":  # the baseline: no box, nothing masked, whole-view keys
+            nothing = torch.zeros(n, 4, device=batch.view_q.device)
+            x_q, x_k = augment.views_from_params(batch.view_q, batch.view_k, nothing, noise.photometric, None,
+                                                 mask_mode="none", **views)
+            return Inputs(x_q, x_k, None, None, torch.ones(n, dtype=torch.bool, device=x_q.device))
+        sample = boxes.boxes_from_uniforms(
+            batch.crop_q, batch.crop_k, spec.image_size, noise.box.to(batch.crop_q.dtype),
+            noise.negatives.to(batch.crop_q.dtype), area=spec.box_area, aspect=spec.box_aspect,
+            min_size=spec.box_min_size, min_overlap=spec.min_overlap, negative_max_iou=spec.negative_max_iou)
+        x_q, x_k = augment.views_from_params(batch.view_q, batch.view_k, sample.masked, noise.photometric,
+                                             noise.mask, mask_mode=spec.mask_mode, **views)
+        return Inputs(x_q, x_k, sample.masked[:, None], sample.keys, sample.valid)
 
 
 def forward_loss(encoder_q, encoder_k, inputs: Inputs, spec: MethodSpec,
                  shuffle_generator: Optional[torch.Generator], queue=None):
-    """-> (loss scalar, stats dict of 0-d tensors, positive keys [N, D] for a queue).
+    """:func:`loss_from_inputs`, drawing shuffle-BN's permutation from ``shuffle_generator``."""
+    permutation = dist.draw_shuffle(inputs.x_k.shape[0], shuffle_generator, inputs.x_k.device) \
+        if spec.shuffle_bn else None
+    return loss_from_inputs(encoder_q, encoder_k, inputs, spec, permutation,
+                            queue.negatives() if queue is not None else None)
+
+
+def loss_from_inputs(encoder_q, encoder_k, inputs: Inputs, spec: MethodSpec, permutation: Optional[torch.Tensor],
+                     extra_negatives: Optional[torch.Tensor] = None):
+    """-> (loss scalar, stats dict of 0-d tensors, positive keys [N, D] for a queue): the query
+    forward, the key forward (shuffle-BN by ``permutation``, see :func:`draw_noise`), logits, InfoNCE.
+    A pure function of tensors (and the encoders' weights); ``extra_negatives``: the queue's keys.
 
     Reading the stats is a host sync, so the loop does it only on log steps.
 
@@ -101,21 +147,21 @@ def forward_loss(encoder_q, encoder_k, inputs: Inputs, spec: MethodSpec,
     """
     q = encoder_q(inputs.x_q, inputs.boxes_q)[:, 0]  # [N, D] the masked region (or the whole view)
     with torch.no_grad():
-        features_k = key_features(encoder_k, inputs.x_k, shuffle_generator, shuffle=spec.shuffle_bn)
+        features_k = key_features(encoder_k, inputs.x_k, None, shuffle=permutation is not None,
+                                  permutation=permutation)
         k = encoder_k.embed(features_k, inputs.boxes_k)  # [N, 1+M, D]
-    logits = step_logits(q, k, inputs.valid, spec, queue)  # [N, 1 + K] fp32
+    logits = step_logits(q, k, inputs.valid, spec, extra_negatives)  # [N, 1 + K] fp32
     stats = {"valid_frac": inputs.valid.float().mean(), "pos_acc": loss.positive_accuracy(logits, inputs.valid)}
     return loss.info_nce(logits, inputs.valid), stats, k[:, 0]
 
 
-def step_logits(q, k, valid, spec: MethodSpec, queue=None) -> torch.Tensor:
+def step_logits(q, k, valid, spec: MethodSpec, extra_negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The negatives a step uses -> fp32 logits ``[N, 1 + K]``, positive first.
 
     q ``[N, D]``, k ``[N, 1+M, D]`` (M = 0 for mocov2: global pooling gives one key per image). MaskCo:
     the other images' M negative boxes (+ the image's own with ``intra_negatives``). MoCo v2: the queue
-    alone, as ``moco/builder.py`` (``l_neg = q @ queue``); in-batch keys join either method only with
-    ``other_positives``.
+    (``extra_negatives``, ``KeyQueue.negatives()``) alone, as ``moco/builder.py`` (``l_neg = q @ queue``);
+    in-batch keys join either method only with ``other_positives``.
     """
-    extra = queue.negatives() if queue is not None else None  # [K, D] or None
     return loss.contrastive_logits(q, k, valid, spec.temperature, intra=spec.intra_negatives,
-                                   other_positives=spec.other_positives, extra_negatives=extra)
+                                   other_positives=spec.other_positives, extra_negatives=extra_negatives)

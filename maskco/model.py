@@ -201,15 +201,19 @@ def build_key_encoder(encoder_q: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def key_features(encoder_k: nn.Module, x_k: torch.Tensor, generator: torch.Generator | None,
-                 shuffle: bool = True) -> torch.Tensor:
+                 shuffle: bool = True, permutation: torch.Tensor | None = None) -> torch.Tensor:
     """Key-branch feature map with shuffle-BN: ``[N, 3, S, S]`` -> ``[N, C, h, w]`` in the original order.
 
     The map is un-shuffled before RoI pooling because the key boxes refer to this rank's original order.
     With one process (or ``shuffle=False``, e.g. for SyncBN) this is plain ``encoder_k.features(x_k)``.
+    ``permutation``: the shuffle drawn beforehand (``dist.draw_shuffle``), instead of drawing it from
+    ``generator`` here.
     """
     if not shuffle:
         return encoder_k.features(x_k)
-    x_k, idx_unshuffle = dist.shuffle_batch(x_k, generator)  # [N, 3, S, S], other ranks' images
+    if permutation is None:
+        permutation = dist.draw_shuffle(x_k.shape[0], generator, x_k.device)
+    x_k, idx_unshuffle = dist.shuffle_batch_by(x_k, permutation)  # [N, 3, S, S], other ranks' images
     return dist.unshuffle_batch(encoder_k.features(x_k), idx_unshuffle)  # [N, C, h, w]
 
 

@@ -205,7 +205,7 @@ def test_mocov2_step_logits_are_moco_queue_only_formulation():
     k = torch.nn.functional.normalize(torch.randn(8, 1, 16, generator=generator), dim=2)  # [N, 1, C]: global keys
     queue = KeyQueue(64, 16, generator=generator)
     valid = torch.ones(8, dtype=torch.bool)
-    logits = step_logits(q, k, valid, spec, queue)  # [N, 1 + 64]
+    logits = step_logits(q, k, valid, spec, queue.negatives())  # [N, 1 + 64]
     # MoCo's forward, written from moco/builder.py (queue stored as [K, C] here, [C, K] there)
     l_pos = torch.einsum("nc,nc->n", q, k[:, 0]).unsqueeze(-1)  # [N, 1]
     l_neg = torch.einsum("nc,kc->nk", q, queue.buffer)  # [N, K]
