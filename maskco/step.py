@@ -1,6 +1,6 @@
 """How a training step runs: eager, compiled whole, or graph-captured; and its inputs one step ahead.
 
-A step is three parts (docs/DESIGN.md 5.2):
+A step is three parts (docs/DESIGN.md 5.1):
 
     noise = draw(step)                         every random tensor, from generators seeded by (seed, step, rank)
     value, stats, keys = forward(batch, noise) pure: ready inputs, query and key forward, logits, InfoNCE
@@ -39,7 +39,7 @@ class Step:
     run: maskco.build.Run. compile: torch.compile the forward (ready inputs + query and key forward +
     logits + loss; AOTAutograd compiles the backward), with ``mode`` and ``backend``. Graph-captured
     modes (``reduce-overhead``) replay the compiled forward and backward as CUDA graphs; the optimiser
-    step, the EMA and the queue update stay outside (see docs/DESIGN.md 5.2 for why).
+    step, the EMA and the queue update stay outside (see docs/DESIGN.md 5.1 for why).
     """
 
     def __init__(self, run, compile: bool = False, mode: str = "default", backend: str = "inductor"):

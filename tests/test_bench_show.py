@@ -16,17 +16,25 @@ TINY_MODEL = ["--arch=resnet18", "--image-size=64", "--batch-size=4", "--threads
 
 def test_bench_reports_every_figure_positive(tmp_path, sample_root, capsys):
     out_dir = str(tmp_path / "bench")
+    # aot_eager: the compiled mode's graphs without Inductor's code generation (minutes on 2 cores)
     assert bench_main([*TINY_MODEL, "--backend=torch,no-such-backend", f"--data={sample_root}",
-                       f"--out-dir={out_dir}", "--skip=roi"]) == 0
+                       f"--out-dir={out_dir}", "--skip=roi", "--modes=eager,compiled",
+                       "--compile-backend=aot_eager"]) == 0
     rows = [json.loads(line) for line in open(os.path.join(out_dir, "bench.jsonl"), encoding="utf-8")]
     measured = {(r["figure"], r["name"]): r for r in rows if "img_per_s" in r}
     expected = {("decode", "decode"), ("baseline", "baseline"), ("loader", "torch"), ("ready", "torch"),
-                ("e2e", "torch"), ("step", "MaskCo"), ("step", "MaskCo (mph=none)"),
+                ("e2e", "torch compiled"), ("e2e", "torch prefetch compiled"), ("step", "MaskCo"),
+                ("step", "MaskCo (mph=none)"),
                 ("step", "MoCo v2-like (mph=attn)"), ("step", "MoCo v2"), ("ready_synthetic", "boxes+augment+mask"),
-                ("step", "ready+maskco"), ("method_only", "boxes+mask+roi_pool+logits")}
+                ("step", "ready+maskco"), ("step", "ready+maskco compiled"),
+                ("method_only", "boxes+mask+roi_pool+logits")}
     assert expected <= set(measured)
     assert all(measured[key]["img_per_s"] > 0 for key in expected)
-    assert 0 <= measured["e2e", "torch"]["data_wait"] <= 1
+    assert 0 <= measured["e2e", "torch compiled"]["data_wait"] <= 1
+    assert measured["step", "ready+maskco compiled"]["warmup_s"] > 0
+    printed_targets = next(r for r in rows if r["figure"] == "targets")["lines"]
+    assert any(line.startswith("ready+maskco compiled / eager = ") for line in printed_targets)
+    assert any(line.startswith("e2e torch prefetch compiled / ") for line in printed_targets)
     assert all(key in rows[0] for key in ("machine", "cpu", "threads", "torch", "git"))
     assert any(r["figure"] == "targets" for r in rows)
     assert Image.open(os.path.join(out_dir, "bench.png")).size[0] > 100

@@ -93,3 +93,16 @@ def test_ddp_resume_gives_the_uninterrupted_losses(tmp_path, sample_root):
     assert sorted(expected) == sorted(resumed) == [1, 2, 3, 4]
     for step in expected:
         assert resumed[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step
+
+
+def test_ddp_compiled_step_gives_the_eager_losses(tmp_path, sample_root):
+    """Two gloo ranks with the step compiled (aot_eager: AOTAutograd's graphs, no code generation):
+    dynamo around DDP (its forward runs eagerly, the wrapped encoder compiles with DDP's optimizer) and
+    shuffle-BN's gathers inside the compiled key branch give the eager run's losses."""
+    eager, compiled = str(tmp_path / "eager"), str(tmp_path / "compiled")
+    _torchrun(sample_root, eager, "--max_steps=4")
+    _torchrun(sample_root, compiled, "--max_steps=4", "--compile=true", "--compile_backend=aot_eager")
+    expected, got = losses(eager), losses(compiled)
+    assert sorted(expected) == sorted(got) == [1, 2, 3, 4]
+    for step in expected:
+        assert got[step] == pytest.approx(expected[step], rel=1e-5, abs=1e-6), step

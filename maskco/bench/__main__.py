@@ -6,8 +6,10 @@ synchronised around the timed region: ``maskco.bench.timing``):
   baseline    the reference MoCo v2 input pipeline (ImageFolder + PIL + two-crop MoCo v2 transforms)
   loader      each backend's Batch (two uint8 views + windows) on the device
   ready       loader + boxes + photometric augmentation + masking + normalisation (what the model eats)
-  step        train step on synthetic ready inputs: maskco and mocov2, with and without the MPH
-  e2e         real data, full step, per backend; and the fraction of the time spent waiting for data
+  step        train step on synthetic ready inputs: maskco and mocov2, with and without the MPH; and the
+              whole step after the loader (ready inputs + step) eager, compiled and graph-captured (--modes)
+  e2e         real data, full step, per backend, with inputs one step ahead (prefetch) off and on; and the
+              fraction of the time spent waiting for data
   roi_pool    fused vs reference, forward + backward: latency in ms per call (maskco.bench.micro)
 Output: a table on the terminal, JSON lines in out_dir/bench.jsonl, a chart out_dir/bench.png.
 The package: timing (the one timing primitive), baselines (decode ceiling, MoCo v2 loader), figures
@@ -26,7 +28,7 @@ import pipelines
 from maskco import cli
 from maskco.bench import micro
 from maskco.bench.baselines import baseline_loader, decode_ceiling
-from maskco.bench.figures import backend_figures, step_figures
+from maskco.bench.figures import MODES, backend_figures, step_figures
 from maskco.bench.report import environment, report, targets
 from maskco.config import build_config
 
@@ -49,6 +51,11 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=0, help="steps per timed step repeat (0: 10 on a GPU, 1 on a CPU)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--modes", default="", help="the step's execution modes to time, comma list of eager, "
+                        "compiled, graphs (graph-captured: CUDA only); default: all three on a GPU, eager and "
+                        "compiled on a CPU. e2e runs the last of them")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled "
+                        "modes (aot_eager: no code generation, for a quick check)")
     parser.add_argument("--skip", default="", help="comma list of figures to skip: decode,baseline,loader,step,e2e,roi")
     parser.add_argument("--out-dir", default="runs/bench")
     args = parser.parse_args(argv)
@@ -56,6 +63,11 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     skip = set(filter(None, args.skip.split(",")))
+    modes = [m for m in (args.modes or ("eager,compiled,graphs" if device.type == "cuda" else "eager,compiled"))
+             .split(",") if m]
+    bad = [m for m in modes if m not in MODES or (m == "graphs" and device.type != "cuda")]
+    if bad:
+        parser.error(f"--modes: {', '.join(bad)} cannot run here (eager, compiled; graphs needs CUDA)")
     args.arch = args.arch or ("resnet50" if device.type == "cuda" else "resnet18")
     args.steps = args.steps or (10 if device.type == "cuda" else 1)
     cfg = build_config([args.config] if args.config else [], base=dict(
@@ -98,9 +110,10 @@ def main(argv=None) -> int:
         if "loader" not in skip:
             # on a GPU the loader must outrun the step for many batches; on a CPU the step dominates
             e2e_batches = 0 if "e2e" in skip else (args.batches if device.type == "cuda" else args.steps)
-            add(backend_figures(backend, source, cfg, device, args.threads, args.batches, e2e_batches))
+            add(backend_figures(backend, source, cfg, device, args.threads, args.batches, e2e_batches,
+                                mode=modes[-1], compile_backend=args.compile_backend))
     if "step" not in skip:
-        add(step_figures(cfg, device, args.steps, args.repeats))
+        add(step_figures(cfg, device, args.steps, args.repeats, modes, args.compile_backend))
     if "roi" not in skip:
         add([{"figure": "micro", "name": f"{r['group']} {r['impl']}", **r}  # latencies: ms per call, no rate
              for r in micro.run(device, None if device.type == "cpu" else 20)])

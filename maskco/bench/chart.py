@@ -32,18 +32,22 @@ def _panels(rows: list[dict]) -> list[dict]:
         inputs.append((f"{loader['name']}: loader", loader, MASKCO))
         inputs += [(f"{r['name']}: ready inputs", r, MASKCO) for r in by.get("ready", [])
                    if r["name"] == loader["name"]]
-    steps = [(r["name"], r, MOCO if r["name"].startswith("MoCo") else MASKCO) for r in by.get("step", [])]
+    steps = [(r["name"], r, MOCO if r["name"].startswith("MoCo") else MASKCO) for r in by.get("step", [])
+             if "mode" not in r]
+    modes = [(f"{r['name']} (synthetic batch)", r, MASKCO if r["mode"] != "eager" else REFERENCE)
+             for r in by.get("step", []) if "mode" in r]
     parts = [(r["name"], r, REFERENCE) for r in by.get("ready_synthetic", []) + by.get("method_only", [])]
     e2e = [(f"{r['name']}: real data", r, MASKCO) for r in by.get("e2e", [])]
     if e2e:
-        e2e += [("synthetic batch (ready + step)", r, REFERENCE) for r in by.get("step", [])
-                if r["name"] == "ready+maskco"]
+        e2e += [(f"synthetic batch ({r['name']})", r, REFERENCE) for r in by.get("step", []) if "mode" in r]
     micro = [(r["name"].replace("contrastive_loss", "loss").replace("sampling_ratio", "sr"), r,
               REFERENCE if r["impl"] == "reference" else MASKCO) for r in by.get("micro", [])]
     panels = [
         {"title": "Input pipeline (images / s, higher is better)", "bars": inputs, "key": "img_per_s"},
         {"title": "Train step on synthetic ready inputs (images / s; orange: MoCo v2 on the same machinery)",
          "bars": steps, "key": "img_per_s"},
+        {"title": "The whole step after the loader: eager (grey), compiled, graph-captured (images / s)",
+         "bars": modes, "key": "img_per_s"},
         {"title": "The input side of a MaskCo step, timed alone (images / s)", "bars": parts, "key": "img_per_s"},
         {"title": "End to end: loader + full step (images / s; red: share of time waiting for data)",
          "bars": e2e, "key": "img_per_s"},
