@@ -54,7 +54,11 @@ class Step:
             options = dict(mode=None if mode == "default" else mode, backend=backend, dynamic=False)
             self._forward = torch.compile(self._eager_forward, **options)
             self._loss = torch.compile(self._eager_loss, **options)
-            self._ready = torch.compile(self._eager_ready, **options)
+            # never graph-captured: the prefetcher keeps one step's ready inputs while it makes the next
+            # step's, and a replay would overwrite the first (its outputs live in the graph's memory pool)
+            ready_mode = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}.get(mode,
+                                                                                                options["mode"])
+            self._ready = torch.compile(self._eager_ready, **{**options, "mode": ready_mode})
         else:
             self._forward, self._loss, self._ready = self._eager_forward, self._eager_loss, self._eager_ready
 
