@@ -83,3 +83,20 @@ def test_micro_benchmarks_report_latencies_not_rates():
     assert all(row["ms_per_call"] > 0 and row["unit"] == "ms per call" and "img_per_s" not in row for row in rows)
     assert all(row["speedup"] > 0 for row in rows if row["impl"] == "fused" and "roi_pool" in row["group"])
     assert "median ms" in micro.format_table(rows)
+
+
+def test_decode_ceiling_leaves_torch_threads_as_they_were(sample_root):
+    """It times decoding with one intra-op thread per decode thread, then must give the rest of the bench
+    (and of a test session) back the threads it had, not the decode thread count."""
+    import torch
+
+    from maskco.bench.baselines import decode_ceiling
+    from pipelines.sources import list_images
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        decode_ceiling(list_images(sample_root).paths[:4], threads=1, device=torch.device("cpu"), repeats=1)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

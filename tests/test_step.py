@@ -78,40 +78,43 @@ def test_compiled_step_gives_the_eager_loss_and_gradients_for_three_steps(backen
     """Three steps (different randomness, weights and EMA after each update) from the same state: the
     same loss and gradients. aot_eager (AOTAutograd's forward and backward graphs, run by eager kernels)
     must match exactly; Inductor (generated kernels, other summation orders) within float rounding, as
-    measured by eager against eager with another memory format.
-    Each step starts the compiled run from the eager run's weights: this network's gradient amplifies a
-    1e-6 weight difference to ~1e-2 in one step, so free-running comparisons would measure that."""
+    measured in the same step by eager against eager with another memory format (other conv kernels).
+    Each step starts every run from the eager run's weights: this network's gradient amplifies a 1e-6
+    weight difference to ~1e-2 in one step, so free-running comparisons would measure that."""
     cfg = replace(Config(), **DEMO)
     eager, compiled = build_run(cfg, ONE, 10), build_run(replace(cfg, compile=True, compile_backend=backend), ONE, 10)
+    yardstick = build_run(replace(cfg, channels_last=False), ONE, 10)
+    runs = (eager, compiled, yardstick)
     batch = synthetic_batch(cfg.batch_size, cfg.image_size, "cpu")
-    for run in (eager, compiled):
+    for run in runs:
         for group in run.optimizer.param_groups:
             group["lr"] = 0.05
     for step in range(3):
         with torch.no_grad():
-            for target, source in ((compiled.encoder_q, eager.encoder_q), (compiled.encoder_k, eager.encoder_k)):
-                for t, s in zip(target.state_dict().values(), source.state_dict().values()):
-                    t.copy_(s)
+            for run in runs[1:]:
+                for target, source in ((run.encoder_q, eager.encoder_q), (run.encoder_k, eager.encoder_k)):
+                    for t, s in zip(target.state_dict().values(), source.state_dict().values()):
+                        t.copy_(s)
         results = []
-        for run in (eager, compiled):
+        for run in runs:
             value, stats, _ = run.step.forward(batch, run.step.draw(step, cfg.batch_size))
             optimise(value, run.optimizer, run.scaler, run.ema, 0.99)
             results.append((value.item(), stats["pos_acc"].item(), _grads(run)))
-        (loss_e, acc_e, grads_e), (loss_c, acc_c, grads_c) = results
+        (loss_e, acc_e, grads_e), (loss_c, acc_c, grads_c), (loss_y, _, grads_y) = results
         if backend == "aot_eager":
             assert (loss_c, acc_c) == (loss_e, acc_e), step
             assert _relative(grads_e, grads_c) == 0.0, step
-        else:
-            assert loss_c == pytest.approx(loss_e, rel=1e-5), step
-            # the yardstick: eager with channels_last=false (other conv kernels) differs from eager
-            # by 4e-3 here; Inductor by 5e-3
-            assert _relative(grads_e, grads_c) < 2e-2, step
+        else:  # measured: 5e-3 (yardstick 4e-3) with 2 threads, 2.1e-2 (yardstick 2.1e-2) with 1
+            rounding = _relative(grads_e, grads_y)
+            assert loss_c == pytest.approx(loss_e, rel=1e-4), step
+            assert _relative(grads_e, grads_c) < max(5 * rounding, 1e-4), (step, rounding)
+            assert rounding < 0.1 and loss_y == pytest.approx(loss_e, rel=1e-4)  # the yardstick is rounding too
 
 
 def test_trainer_compile_true_runs_the_cpu_demo_on_the_eager_curve(tmp_path):
     """``--compile=true`` on the CPU demo (its full 8 epochs on the sample images) against eager. The runs
     drift apart by float rounding, amplified from step to step (see above): the first logged loss (a mean
-    over 5 steps) agrees to 1e-3, every later one within 10 % and all of them within 3 % on average (measured
+    over 5 steps) agrees to 1 %, every later one within 15 % and all of them within 5 % on average (measured
     on 2 CPU cores: 4.6 % at most, 1.4 % on average), and both runs learn alike."""
     curves = {}
     for name, extra in (("eager", []), ("compiled", ["--compile=true"])):
@@ -121,9 +124,9 @@ def test_trainer_compile_true_runs_the_cpu_demo_on_the_eager_curve(tmp_path):
     assert sorted(curves["eager"]) == sorted(curves["compiled"]) and len(curves["eager"]) > 10
     eager, compiled = curves["eager"], curves["compiled"]
     first = min(eager)
-    assert compiled[first] == pytest.approx(eager[first], rel=1e-3)
+    assert compiled[first] == pytest.approx(eager[first], rel=1e-2)
     differences = [abs(compiled[step] - loss) / loss for step, loss in eager.items()]
-    assert max(differences) < 0.10 and sum(differences) / len(differences) < 0.03, differences
+    assert max(differences) < 0.15 and sum(differences) / len(differences) < 0.05, differences
     last = max(eager)
     assert compiled[last] < compiled[first] - 0.3 and eager[last] < eager[first] - 0.3  # both learn
 

@@ -21,11 +21,12 @@ def decode_ceiling(paths: list[str], threads: int, device, repeats: int) -> dict
         with ThreadPoolExecutor(threads) as pool:  # decode_jpeg releases the GIL
             list(pool.map(lambda p: decode_jpeg(read_file(p), mode=ImageReadMode.RGB), paths))
 
-    torch.set_num_threads(1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # one intra-op thread per decode thread
     try:
         return timed(decode_all, len(paths), torch.device("cpu"), repeats)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)  # what the rest of the bench (and of a test session) runs with
 
 
 # ---- 2. the reference MoCo v2 loader
