@@ -102,17 +102,18 @@ def sample_boxes(
     """
     _check_inputs(crop_q, crop_k, image_size, num_negatives, generator, area, aspect, min_size,
                   min_overlap, negative_max_iou, tries, check_values)
-    u_box, u_negatives = draw_uniforms(crop_q.shape[0], num_negatives, tries if negative_max_iou is not None else 1,
-                                       generator, crop_q.device, crop_q.dtype)
+    u_box, u_negatives = draw_uniforms(crop_q.shape[0], num_negatives, negative_max_iou, generator, crop_q.device,
+                                       crop_q.dtype, tries)
     return boxes_from_uniforms(crop_q, crop_k, image_size, u_box, u_negatives, area=area, aspect=aspect,
                                min_size=min_size, min_overlap=min_overlap, negative_max_iou=negative_max_iou)
 
 
-def draw_uniforms(n: int, num_negatives: int, tries: int, generator: Optional[torch.Generator],
-                  device, dtype=torch.float32) -> tuple:
+def draw_uniforms(n: int, num_negatives: int, negative_max_iou: Optional[float], generator: Optional[torch.Generator],
+                  device, dtype=torch.float32, tries: int = NEGATIVE_TRIES) -> tuple:
     """Every random number :func:`sample_boxes` uses, in its order: ``u_box [N, 4]`` (the masked box's
-    area, aspect and position) then ``u_negatives [N, M, T, 4]`` (T candidates per negative; T = 1
-    when negatives have no IoU limit). Uniform in [0, 1)."""
+    area, aspect and position) then ``u_negatives [N, M, T, 4]`` (T = ``tries`` candidates per negative;
+    T = 1 when negatives have no IoU limit, ``negative_max_iou`` None). Uniform in [0, 1)."""
+    tries = tries if negative_max_iou is not None else 1
     u_box = torch.rand(n, 4, generator=generator, device=device, dtype=dtype)  # [N, 4]
     u_negatives = torch.rand(n, num_negatives, tries, 4, generator=generator, device=device,
                              dtype=dtype)  # [N, M, T, 4]

@@ -80,8 +80,8 @@ def draw_noise(spec: MethodSpec, n: int, device, generator: Optional[torch.Gener
     ``box_dtype``: the crops' dtype (the box uniforms are drawn in it)."""
     box = negatives = mask = None
     if spec.method != "mocov2":
-        tries = boxes.NEGATIVE_TRIES if spec.negative_max_iou is not None else 1
-        box, negatives = boxes.draw_uniforms(n, spec.num_negatives, tries, generator, device, box_dtype)
+        box, negatives = boxes.draw_uniforms(n, spec.num_negatives, spec.negative_max_iou, generator, device,
+                                             box_dtype)
     photometric = augment.sample_photometric(2 * n, generator, device, **_photometric(spec))
     if spec.method != "mocov2" and spec.mask_mode == "noise":
         mask = augment.draw_mask_noise((n, 3, spec.image_size, spec.image_size), generator, device)

@@ -17,6 +17,7 @@ stream while the current step runs, for the backends that deliver on the CPU (to
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterator, Optional
 
 import torch
@@ -48,7 +49,6 @@ class Step:
         self.shuffle_generator = torch.Generator(device=self.device)  # shuffle-BN: identical on every rank
         # made once, before any compilation: a graph that made them would hold a host-to-device copy
         self.mean_std = augment.normalize_constants(self.device)
-        self.compiled = compile
         self.graphs = compile and mode in GRAPH_MODES
         if compile:
             options = dict(mode=None if mode == "default" else mode, backend=backend, dynamic=False)
@@ -156,7 +156,7 @@ class Prefetcher:
         """-> ((batch, noise, inputs), event) of the next step, or None at the end of the epoch."""
         if self.next_step >= self.limit:
             return None
-        with torch.cuda.stream(self.stream) if self.cuda else _nothing():
+        with torch.cuda.stream(self.stream) if self.cuda else contextlib.nullcontext():
             batch = next(iterator, None)
             if batch is None:
                 return None
@@ -165,14 +165,6 @@ class Prefetcher:
             event = self.stream.record_event() if self.cuda else None
         self.next_step += 1
         return (batch, noise, inputs), event
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _tensors(item) -> list:
