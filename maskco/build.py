@@ -16,7 +16,7 @@ from maskco import dist, step
 from maskco.config import Config, ConfigError, global_batch, peak_lr
 from maskco.loss import KeyQueue
 from maskco.method import MethodSpec
-from maskco.model import Encoder, KeyEncoderEMA, build_key_encoder, param_groups
+from maskco.model import Encoder, KeyEncoderEMA, build_key_encoder, param_groups, set_virtual_gpus
 
 
 @dataclass
@@ -73,9 +73,14 @@ def resolve_data(cfg: Config, local_rank: int) -> str:
 
 
 def key_batchnorm(encoder_k: torch.nn.Module, key_bn: str, device: torch.device, distributed: bool):
-    """``key_bn=sync``: SyncBatchNorm in the key branch only (the query branch keeps per-GPU BN, as
-    with shuffle-BN); shuffle and local leave the key encoder's BatchNorm as it is."""
-    if key_bn != "sync" or not distributed:
+    """``key_bn=sync``: the key branch's BatchNorm takes the statistics of the whole global batch, every
+    rank and every virtual GPU (SyncBatchNorm under DDP, one group in one process); the query branch
+    keeps per-GPU BN, as with shuffle-BN. shuffle and local leave the key encoder's BatchNorm as it is
+    (per virtual GPU)."""
+    if key_bn != "sync":
+        return encoder_k
+    set_virtual_gpus(encoder_k, 1)
+    if not distributed:
         return encoder_k
     if device.type != "cuda":
         raise ConfigError("key_bn=sync needs CUDA (SyncBatchNorm runs only on GPUs); use key_bn=shuffle")
@@ -90,7 +95,9 @@ def build_encoders(cfg: Config, device: torch.device, distributed: bool):
                             mph_layers=cfg.mph_layers, mph_heads=cfg.mph_heads, head_hidden=cfg.head_hidden,
                             head_dim=cfg.head_dim, roi_output_size=cfg.roi_output_size,
                             roi_sampling_ratio=cfg.roi_sampling_ratio, roi_fused=cfg.roi_fused,
-                            roi_centering=cfg.roi_centering)
+                            roi_centering=cfg.roi_centering, stem=cfg.stem, width=cfg.width)
+    # G virtual GPUs: BatchNorm per group of batch_size / G, in both encoders (the key copy inherits it)
+    encoder_q = set_virtual_gpus(encoder_q, cfg.virtual_gpus) if cfg.virtual_gpus > 1 else encoder_q
     encoder_q = encoder_q.to(device)
     dist.broadcast_module(encoder_q)  # rank 0's weights everywhere, before the key copy is taken
     # after the broadcast: collectives take contiguous tensors, channels_last conv weights are not

@@ -32,7 +32,7 @@ from typing import Callable, Optional
 import numpy
 import torch
 
-from maskco.config import ARCHITECTURE_KEYS
+from maskco.config import ARCHITECTURE_KEYS, Config
 
 FORMAT = "maskco-checkpoint-v1"
 LAST = "checkpoint_last.pt"
@@ -264,9 +264,14 @@ class Store:
         return None, None
 
 
+def _default(key: str):
+    return Config.__dataclass_fields__[key].default
+
+
 def check_compatible(state: dict, config: dict, path: str) -> None:
     """Refuse a checkpoint whose model differs from this run's config (arch, MPH, head, ...)."""
-    stored = state.get("config", {})
+    # a key newer than the checkpoint had its default when the checkpoint was written
+    stored = {**{k: _default(k) for k in ARCHITECTURE_KEYS}, **state.get("config", {})}
     diffs = [f"{k}: checkpoint {stored.get(k)!r} vs run {config.get(k)!r}" for k in ARCHITECTURE_KEYS
              if stored.get(k) != config.get(k)]
     if diffs:

@@ -16,7 +16,7 @@ import yaml
 
 import pipelines
 from maskco import augment, step
-from maskco.model import MPH_KINDS, ROI_CENTERINGS
+from maskco.model import MPH_KINDS, ROI_CENTERINGS, STEMS
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -34,6 +34,7 @@ CHOICES = {
     "momentum_schedule": ("constant", "cosine"),
     "key_bn": ("shuffle", "sync", "local"),
     "roi_centering": ROI_CENTERINGS,
+    "stem": STEMS,
     "backend": tuple(pipelines.BACKENDS),
     "device": ("auto", "cpu", "cuda"),
     "compile_mode": step.COMPILE_MODES,
@@ -47,6 +48,8 @@ class Config:
     method: str = "maskco"  # maskco | mocov2 (the paper's baseline: global pooling; unset keys take MOCOV2 below)
     arch: str = "resnet50"  # any torchvision resnet*; weights stay torchvision-shaped
     dilated: bool = False  # dilated C5 (stride 16 instead of 32)
+    stem: str = "imagenet"  # imagenet (7x7 stride-2 conv1 + max-pool: C5 at stride 32) | cifar (3x3 stride-1 conv1, no max-pool: stride 8, for 32-64 px images)
+    width: float = 1.0  # multiplier on every stage's channels (0.25: 16-32-64-128 for resnet18); 1 with the imagenet stem stays torchvision-shaped
     mph: str = "attn"  # Mask Prediction Head: attn (2 Transformer layers) | conv | none (ablation)
     mph_width: int = 512  # channels inside the MPH
     mph_layers: int = 2  # Transformer layers (attn) in the MPH
@@ -64,7 +67,8 @@ class Config:
     temperature: float = 0.2  # InfoNCE temperature
     momentum: float = 0.999  # EMA momentum of the key encoder (start value if scheduled)
     momentum_schedule: str = "constant"  # constant | cosine (to 1.0 at the end of training)
-    key_bn: str = "shuffle"  # key-branch BatchNorm under DDP: shuffle (shuffle-BN) | sync | local
+    key_bn: str = "shuffle"  # key-branch BatchNorm: shuffle (shuffle-BN across every rank and virtual GPU) | sync (statistics of the whole global batch) | local (per virtual GPU, unshuffled)
+    virtual_gpus: int = 1  # G: each process's batch behaves as G GPUs of batch_size / G images (BatchNorm groups, shuffle-BN, MaskCo's negatives); W ranks x G = W*G GPUs
     # ---- boxes (DESIGN 4.2), fractions of a view's area; pixels of the view
     box_area: tuple[float, float] = (0.04, 0.25)  # masked box area, fraction of the query view
     box_aspect: tuple[float, float] = (0.5, 2.0)  # aspect ratio range (log-uniform)
@@ -185,6 +189,11 @@ def _coerce(key: str, value, where: str):
 def _check(cfg: Config) -> Config:
     checks = [
         (cfg.batch_size >= 2, "batch_size must be >= 2 (negatives come from other images)"),
+        (cfg.virtual_gpus >= 1, "virtual_gpus must be >= 1"),
+        (cfg.virtual_gpus >= 1 and cfg.batch_size % cfg.virtual_gpus == 0
+         and cfg.batch_size // cfg.virtual_gpus >= 2,
+         f"batch_size ({cfg.batch_size}) must split into virtual_gpus ({cfg.virtual_gpus}) groups of >= 2 images"),
+        (cfg.width > 0, "width must be > 0"),
         (cfg.image_size >= 32, "image_size must be >= 32"),
         (cfg.epochs >= 1, "epochs must be >= 1"),
         (0.0 <= cfg.momentum <= 1.0, "momentum must be in [0, 1]"),
@@ -312,8 +321,8 @@ def peak_lr(cfg: Config, world_size: int) -> float:
 
 # fields that must agree between a checkpoint and the run resuming from it (the model's shape)
 ARCHITECTURE_KEYS = (
-    "method", "arch", "dilated", "mph", "mph_width", "mph_layers", "mph_heads", "head_hidden", "head_dim",
-    "queue_size",
+    "method", "arch", "dilated", "stem", "width", "mph", "mph_width", "mph_layers", "mph_heads", "head_hidden",
+    "head_dim", "queue_size",
 )
 __all__ = [
     "Config", "ConfigError", "build_config", "config_from_dict", "replace", "load_preset", "valid_keys",

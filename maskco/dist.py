@@ -197,11 +197,16 @@ def shuffle_batch(x: torch.Tensor, generator: torch.Generator | None) -> tuple[t
     return shuffle_batch_by(x, draw_shuffle(x.shape[0], generator, x.device))
 
 
-def draw_shuffle(n: int, generator: torch.Generator | None, device) -> torch.Tensor | None:
+def draw_shuffle(n: int, generator: torch.Generator | None, device, virtual_gpus: int = 1) -> torch.Tensor | None:
     """Shuffle-BN's permutation of the ``world_size * n`` gathered images, ``[W*n]`` on ``device`` (the
-    same on every rank when ``generator`` is seeded alike); None in one process (no shuffle)."""
+    same on every rank when ``generator`` is seeded alike); None when there is one GPU in all (one
+    process without virtual GPUs: permuting one batch cannot change its BatchNorm statistics).
+
+    With ``virtual_gpus`` G each rank's ``n`` images are G contiguous groups: the permutation spans the
+    W*G groups of every rank, as it would span W*G real GPUs (one process with G = 2 and batch 2n draws
+    what 2 ranks of batch n draw)."""
     world_size = get_world_size()
-    if world_size == 1:
+    if world_size * virtual_gpus == 1:
         return None
     drawn_on = generator.device if generator is not None else device
     return torch.randperm(world_size * n, generator=generator, device=drawn_on).to(device)  # [W*n]

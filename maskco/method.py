@@ -42,6 +42,7 @@ class MethodSpec:
     intra_negatives: bool
     other_positives: bool
     channels_last: bool
+    virtual_gpus: int = 1  # G: BatchNorm groups, the shuffle's span and MaskCo's negatives per N / G images
     shuffle_bn: bool = True  # not a Config key: the trainer derives it from key_bn
 
     @classmethod
@@ -85,7 +86,7 @@ def draw_noise(spec: MethodSpec, n: int, device, generator: Optional[torch.Gener
     photometric = augment.sample_photometric(2 * n, generator, device, **_photometric(spec))
     if spec.method != "mocov2" and spec.mask_mode == "noise":
         mask = augment.draw_mask_noise((n, 3, spec.image_size, spec.image_size), generator, device)
-    shuffle = dist.draw_shuffle(n, shuffle_generator, device) if spec.shuffle_bn else None
+    shuffle = dist.draw_shuffle(n, shuffle_generator, device, spec.virtual_gpus) if spec.shuffle_bn else None
     return Noise(box, negatives, photometric, mask, shuffle)
 
 
@@ -129,8 +130,8 @@ def inputs_from_noise(batch, spec: MethodSpec, noise: Noise, mean_std: Optional[
 def forward_loss(encoder_q, encoder_k, inputs: Inputs, spec: MethodSpec,
                  shuffle_generator: Optional[torch.Generator], queue=None):
     """:func:`loss_from_inputs`, drawing shuffle-BN's permutation from ``shuffle_generator``."""
-    permutation = dist.draw_shuffle(inputs.x_k.shape[0], shuffle_generator, inputs.x_k.device) \
-        if spec.shuffle_bn else None
+    permutation = dist.draw_shuffle(inputs.x_k.shape[0], shuffle_generator, inputs.x_k.device,
+                                    spec.virtual_gpus) if spec.shuffle_bn else None
     return loss_from_inputs(encoder_q, encoder_k, inputs, spec, permutation,
                             queue.negatives() if queue is not None else None)
 
@@ -151,17 +152,21 @@ def loss_from_inputs(encoder_q, encoder_k, inputs: Inputs, spec: MethodSpec, per
                                   permutation=permutation)
         k = encoder_k.embed(features_k, inputs.boxes_k)  # [N, 1+M, D]
     logits = step_logits(q, k, inputs.valid, spec, extra_negatives)  # [N, 1 + K] fp32
-    stats = {"valid_frac": inputs.valid.float().mean(), "pos_acc": loss.positive_accuracy(logits, inputs.valid)}
-    return loss.info_nce(logits, inputs.valid), stats, k[:, 0]
+    groups = spec.virtual_gpus
+    stats = {"valid_frac": inputs.valid.float().mean(),
+             "pos_acc": loss.positive_accuracy(logits, inputs.valid, groups)}
+    return loss.info_nce(logits, inputs.valid, groups), stats, k[:, 0]
 
 
 def step_logits(q, k, valid, spec: MethodSpec, extra_negatives: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The negatives a step uses -> fp32 logits ``[N, 1 + K]``, positive first.
 
     q ``[N, D]``, k ``[N, 1+M, D]`` (M = 0 for mocov2: global pooling gives one key per image). MaskCo:
-    the other images' M negative boxes (+ the image's own with ``intra_negatives``). MoCo v2: the queue
+    the other images' M negative boxes (+ the image's own with ``intra_negatives``), other images of the
+    query's own virtual GPU only, as the paper's 496 come from the same GPU. MoCo v2: the queue
     (``extra_negatives``, ``KeyQueue.negatives()``) alone, as ``moco/builder.py`` (``l_neg = q @ queue``);
     in-batch keys join either method only with ``other_positives``.
     """
     return loss.contrastive_logits(q, k, valid, spec.temperature, intra=spec.intra_negatives,
-                                   other_positives=spec.other_positives, extra_negatives=extra_negatives)
+                                   other_positives=spec.other_positives, extra_negatives=extra_negatives,
+                                   groups=spec.virtual_gpus)

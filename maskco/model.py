@@ -24,6 +24,168 @@ from maskco import dist, roi
 ARCHS = tuple(name for name in torchvision.models.resnet.__all__ if name[0].islower())  # resnet18 ... wide_resnet101_2
 MPH_KINDS = ("attn", "conv", "none")
 ROI_CENTERINGS = ("receptive", "half_pixel")
+STEMS = ("imagenet", "cifar")
+
+
+class _ScaledResNet(torchvision.models.ResNet):
+    """A torchvision ResNet with every stage's width (and the stem's) multiplied by ``width``.
+
+    torchvision hard-codes 64-128-256-512 planes; this rebuilds the stem and the four stages with
+    ``round(planes * width)`` through torchvision's own ``_make_layer`` (same blocks, same names, so the
+    state dict keeps torchvision's keys) and re-applies torchvision's initialisation to them.
+    """
+
+    def __init__(self, block, layers, width: float, **kwargs):
+        super().__init__(block, layers, **kwargs)
+        planes = [max(1, round(p * width)) for p in (64, 128, 256, 512)]
+        dilate = kwargs.get("replace_stride_with_dilation") or [False, False, False]
+        self.inplanes, self.dilation = planes[0], 1
+        self.conv1 = nn.Conv2d(3, planes[0], kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = self._norm_layer(planes[0])
+        self.layer1 = self._make_layer(block, planes[0], layers[0])
+        for index in range(1, 4):
+            setattr(self, f"layer{index + 1}",
+                    self._make_layer(block, planes[index], layers[index], stride=2, dilate=dilate[index - 1]))
+        self.fc = nn.Linear(planes[3] * block.expansion, self.fc.out_features)
+        _torchvision_init(self)
+
+
+def _torchvision_init(module: nn.Module) -> None:
+    """torchvision ResNet's initialisation (``zero_init_residual=False``) of every conv and norm in ``module``."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.constant_(m.weight, 1)
+            nn.init.constant_(m.bias, 0)
+
+
+def resnet(arch: str = "resnet50", stem: str = "imagenet", width: float = 1.0, dilated: bool = False) -> nn.Module:
+    """A randomly initialised torchvision ResNet with ``fc = nn.Identity()`` (the pooled C5 is its output).
+
+    ``stem="cifar"``: a 3x3 stride-1 conv1 and no max-pool (MoCo's CIFAR demo, solo-learn, lightly), for
+    32-64 px images: C5 at stride 8 (4 when ``dilated``) instead of 32. ``width``: a multiplier on every
+    stage's channels (0.25: 16-32-64-128 for ResNet-18). With the defaults this is exactly
+    ``torchvision.models.<arch>()``, same keys and shapes, so its weights load into torchvision.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if stem not in STEMS:
+        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
+    if not width > 0:
+        raise ValueError(f"width must be > 0, got {width}")
+    dilation = [False, False, dilated]
+    try:
+        model = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=dilation)
+    except NotImplementedError as error:  # torchvision: "Dilation > 1 not supported in BasicBlock"
+        raise ValueError(f"dilated=True needs a Bottleneck arch (resnet50 and up), got arch={arch!r}") from error
+    if width != 1.0:
+        depths = [len(getattr(model, f"layer{i}")) for i in range(1, 5)]
+        model = _ScaledResNet(type(model.layer1[0]), depths, width, groups=model.groups,
+                              width_per_group=model.base_width, replace_stride_with_dilation=dilation)
+    if stem == "cifar":
+        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        model.maxpool = nn.Identity()
+    model.fc = nn.Identity()
+    return model
+
+
+def _c5_channels(backbone: nn.Module) -> int:
+    """Channels of C5: the last block's output (its last BatchNorm's width)."""
+    last = backbone.layer4[-1]
+    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
+
+
+def is_torchvision_shaped(stem: str, width: float) -> bool:
+    """Whether a backbone of this stem and width loads into ``torchvision.models.<arch>()`` as it is."""
+    return stem == "imagenet" and width == 1.0
+
+
+@torch.no_grad()
+def trunk_stride(backbone: nn.Module, probe: int = 64) -> int:
+    """C5's stride in view pixels, measured: a ``probe`` px image through conv1 ... layer4 (eval mode, so
+    no running statistic moves); 32 for torchvision's stem, 8 for the small-image stem, half when dilated."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        weight = backbone.conv1.weight
+        x = torch.zeros(1, 3, probe, probe, device=weight.device, dtype=weight.dtype)
+        b = backbone
+        size = b.layer4(b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))))).shape[-1]
+    finally:
+        backbone.train(was_training)
+    return probe // size
+
+
+class GroupBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose training statistics are taken per contiguous group of ``N / groups`` samples: one
+    process's batch normalised as ``groups`` GPUs would normalise it (virtual GPUs, DESIGN 4.4).
+
+    Samples ``[g * N/G, (g + 1) * N/G)`` form group g (the same convention as the loss's negatives and the
+    shuffle). The running statistics stay ``[C]``: each step moves them by the mean over groups of the
+    group statistics (unbiased variance), the mean of what G ranks' BatchNorms would each record (MoCo's
+    SplitBatchNorm does the same); evaluation uses them as plain BatchNorm does. ``groups=1`` is plain
+    BatchNorm2d.
+
+    How: the batch is copied to ``[N/G, G*C, H, W]`` (NCHW) for one call of the native BatchNorm kernel,
+    and the result copied back in the input's memory format. MoCo's ``view(N/G, G*C, H, W)`` needs no copy
+    but groups samples by ``n % G`` and only for NCHW; a ``var_mean`` on the ``[G, N/G, C, H, W]`` view
+    needs no copy either, but its forward and autograd backward cost more than the two copies (measured
+    on CPU, ResNet-18 x 0.25 at 32 px: 45 ms against 63 ms for the largest layer, channels_last input;
+    plain channels_last BatchNorm: 61 ms).
+    """
+
+    def __init__(self, num_features: int, groups: int = 1, **kwargs):
+        super().__init__(num_features, **kwargs)
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.groups == 1 or not self.training:
+            return super().forward(x)
+        n, c, h, w = x.shape  # x: [N, C, H, W]
+        g = self.groups
+        if n % g:
+            raise ValueError(f"a batch of {n} does not split into {g} virtual GPUs")
+        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        side = x.reshape(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)  # [N/G, G*C, H, W]
+        track = self.track_running_stats
+        running = (self.running_mean.repeat(g), self.running_var.repeat(g)) if track else (None, None)  # [G*C]
+        weight, bias = (self.weight.repeat(g), self.bias.repeat(g)) if self.affine else (None, None)  # [G*C]
+        y = F.batch_norm(side.contiguous(), *running, weight, bias, True, self._momentum() if track else 0.0,
+                         self.eps)
+        if track:  # each group's running statistics moved as its own BatchNorm's would: keep their mean
+            with torch.no_grad():
+                self.running_mean.copy_(running[0].view(g, c).mean(0))
+                self.running_var.copy_(running[1].view(g, c).mean(0))
+        y = y.view(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)  # [N, C, H, W]
+        # two copies (NCHW, then NHWC) cost less than one into NHWC: torch's NHWC conversion is tuned,
+        # a strided copy that gathers C from H*W apart is not (measured on CPU)
+        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+
+    def _momentum(self) -> float:
+        self.num_batches_tracked.add_(1)
+        return self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+
+
+def set_virtual_gpus(module: nn.Module, groups: int) -> nn.Module:
+    """Every BatchNorm2d of ``module`` normalises per group of ``N / groups`` samples (in place; -> ``module``).
+
+    Plain BatchNorm2d layers become :class:`GroupBatchNorm2d` holding the same parameters and buffers
+    (state dict keys and shapes unchanged); existing ones get the new group count. SyncBatchNorm is left as
+    it is (its statistics span every rank).
+    """
+    for parent in module.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, GroupBatchNorm2d):
+                child.groups = groups
+            elif type(child) is nn.BatchNorm2d:
+                grouped = GroupBatchNorm2d(child.num_features, groups, eps=child.eps, momentum=child.momentum,
+                                           affine=child.affine, track_running_stats=child.track_running_stats)
+                grouped.load_state_dict(child.state_dict())
+                grouped.train(child.training)
+                setattr(parent, name, grouped.to(next(child.buffers(), torch.empty(0)).device))
+    return module
 
 
 def cell_centre(stride: int, centering: str) -> float:
@@ -120,6 +282,8 @@ class Encoder(nn.Module):
     ``embed(features, boxes)``: boxes ``[N, L, 4]`` xyxy in view pixels -> ``[N, L, head_dim]`` unit vectors;
     ``boxes=None`` global-average-pools instead (L = 1): the ``mocov2`` baseline on the same network.
     ``dilated`` turns layer4's stride into dilation (stride 16); the weights keep torchvision's shapes.
+    ``stem`` / ``width``: the small-image stem and a channel multiplier (:func:`resnet`); ``stride`` is
+    measured on the built trunk (:func:`trunk_stride`), so boxes map to C5 correctly for every variant.
     ``roi_fused`` picks ``roi.roi_pool`` (separable matmul, DESIGN 4.5) over the torchvision reference.
     ``roi_centering`` sets ``cell_centre``, where cell 0 looks in view pixels (see :func:`cell_centre`):
     ``receptive`` centres each RoI on its box through the trunk; ``half_pixel`` is the old mapping (ablation).
@@ -128,25 +292,18 @@ class Encoder(nn.Module):
     def __init__(self, arch: str = "resnet50", dilated: bool = False, mph: str = "attn", mph_width: int = 512,
                  mph_layers: int = 2, mph_heads: int = 8, head_hidden: int = 2048, head_dim: int = 128,
                  roi_output_size: int = 7, roi_sampling_ratio: int = 2, roi_fused: bool = True,
-                 roi_centering: str = "receptive"):
+                 roi_centering: str = "receptive", stem: str = "imagenet", width: float = 1.0):
         super().__init__()
-        if arch not in ARCHS:
-            raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
         if mph not in MPH_KINDS:
             raise ValueError(f"mph must be one of {MPH_KINDS}, got {mph!r}")
         for name, value in (("mph_layers", mph_layers), ("mph_heads", mph_heads), ("head_hidden", head_hidden),
                             ("head_dim", head_dim), ("roi_output_size", roi_output_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        self.stride = 16 if dilated else 32
+        self.backbone = resnet(arch, stem, width, dilated)
+        self.stride = trunk_stride(self.backbone)  # 32, 16 dilated; 8 / 4 with the small-image stem
         self.cell_centre = cell_centre(self.stride, roi_centering)  # also validates roi_centering
-        try:
-            self.backbone = getattr(torchvision.models, arch)(
-                weights=None, replace_stride_with_dilation=[False, False, dilated])
-        except NotImplementedError as error:  # torchvision: "Dilation > 1 not supported in BasicBlock"
-            raise ValueError(f"dilated=True needs a Bottleneck arch (resnet50 and up), got arch={arch!r}") from error
-        self.channels = self.backbone.fc.in_features  # C5 width: 512 (resnet18/34), 2048 (resnet50)
-        self.backbone.fc = nn.Identity()  # keeps the state dict torchvision-shaped minus fc
+        self.channels = _c5_channels(self.backbone)  # 512 (resnet18/34), 2048 (resnet50); x width
         if mph == "attn":
             self.mph = AttentionMPH(self.channels, mph_width, mph_layers, mph_heads)
         elif mph == "conv":
