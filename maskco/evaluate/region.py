@@ -21,6 +21,7 @@ picture; the region rows must find the item among its three neighbours in one sh
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -88,13 +89,14 @@ def region_features(backbone: nn.Module, mosaics: torch.Tensor, boxes: torch.Ten
     scale = view_size / mosaics.shape[-1]
     view_boxes = (boxes.float() * scale).to(device)  # [L, 4] view pixels
     features, stride = [], None
-    for start in range(0, len(mosaics), batch_size):
-        x = prepare_images(views(mosaics[start:start + batch_size].to(device), view_size))  # [B, 3, V, V]
-        c5 = _run(net, x, precision)  # [B, C, h, w]
-        stride = stride or feature_stride(view_size, c5.shape[-1])
-        pooled = region_means(c5, view_boxes.expand(len(x), -1, -1), stride, cell_centre(stride, "receptive"),
-                              sampling_ratio, output_size)  # [B, L, C]
-        features.append(F.normalize(pooled.flatten(0, 1), dim=1))  # [B*L, C]
+    with evaluating(backbone):
+        for start in range(0, len(mosaics), batch_size):
+            x = prepare_images(views(mosaics[start:start + batch_size].to(device), view_size))  # [B, 3, V, V]
+            c5 = _run(net, x, precision)  # [B, C, h, w]
+            stride = stride or feature_stride(view_size, c5.shape[-1])
+            pooled = region_means(c5, view_boxes.expand(len(x), -1, -1), stride, cell_centre(stride, "receptive"),
+                                  sampling_ratio, output_size)  # [B, L, C]
+            features.append(F.normalize(pooled.flatten(0, 1), dim=1))  # [B*L, C]
     return torch.cat(features), stride
 
 
@@ -107,21 +109,30 @@ def global_features(backbone: nn.Module, mosaics: torch.Tensor, boxes: torch.Ten
     device = next(backbone.parameters()).device
     items = crops(mosaics, boxes)  # [M*L, h, w]
     features = []
-    for start in range(0, len(items), batch_size):
-        x = prepare_images(views(items[start:start + batch_size].to(device), image_size))  # [B, 3, S, S]
-        features.append(F.normalize(_run(net, x, precision).mean((2, 3)), dim=1))  # [B, C]
+    with evaluating(backbone):
+        for start in range(0, len(items), batch_size):
+            x = prepare_images(views(items[start:start + batch_size].to(device), image_size))  # [B, 3, S, S]
+            features.append(F.normalize(_run(net, x, precision).mean((2, 3)), dim=1))  # [B, C]
     return torch.cat(features)
 
 
 def _run(net: nn.Module, x: torch.Tensor, precision: str) -> torch.Tensor:
-    """Trunk in eval mode (BatchNorm's running statistics, none of them moved) -> fp32 C5."""
-    was_training = net.training
-    net.eval()
+    """The trunk on normalised images -> fp32 C5 (channels_last on CUDA: cuDNN's fast layout)."""
+    if x.is_cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(x.device.type, torch.bfloat16, enabled=precision == "bf16"):
+        return net(x).float()
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """``module`` in eval mode inside (BatchNorm's running statistics, none of them moved), its mode after."""
+    was_training = module.training
+    module.eval()
     try:
-        with torch.autocast(x.device.type, torch.bfloat16, enabled=precision == "bf16"):
-            return net(x).float()
+        yield module
     finally:
-        net.train(was_training)
+        module.train(was_training)
 
 
 def top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
