@@ -173,6 +173,11 @@ def test_separable_items_are_all_found(probe_sets):
                                     "region_knn_top1_global_k20")] == [100.0] * 4
 
 
+def test_without_the_global_baseline_only_region_rows_come_back(probe_sets):
+    result = region.region_probe(one_hot_backbone(), probe_sets, image_size=32, global_baseline=False)
+    assert sorted(key for key in result if key.startswith("region_knn")) == ["region_knn_top1", "region_knn_top1_k20"]
+
+
 def small_stem_resnet18() -> nn.Module:
     net = torchvision.models.resnet18()
     net.conv1, net.maxpool, net.fc = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()

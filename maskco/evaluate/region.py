@@ -144,35 +144,40 @@ def top1(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, q
 
 
 def region_probe(backbone: nn.Module, probe_sets: dict, image_size: int, device=None, batch_size: int = 128,
-                 sampling_ratio: int = 2, output_size: int = 7, precision: str = "fp32") -> dict:
+                 sampling_ratio: int = 2, output_size: int = 7, precision: str = "fp32",
+                 global_baseline: bool = True) -> dict:
     """The probe on ``probe_sets`` ({"bank", "query"}: ``.npz`` paths from ``pipelines.mosaics.write_probe_sets``,
-    or the dicts ``load_probe_set`` returns) -> {"region_knn_top1", "region_knn_top1_k20",
-    "region_knn_top1_global", "region_knn_top1_global_k20"} (%), the item counts and C5's stride.
+    or the dicts ``load_probe_set`` returns) -> {"region_knn_top1", "region_knn_top1_k20", and unless
+    ``global_baseline=False`` (which halves the cost) "region_knn_top1_global", "region_knn_top1_global_k20"}
+    (%), plus the item counts and C5's stride.
 
     backbone: a torchvision ResNet (``fc = nn.Identity()``), moved to ``device`` if given; its train/eval mode
     is restored afterwards. image_size: the pretraining view size (an item is shown at that size).
     batch_size: mosaics per forward (the global baseline runs 4x as many items, each a quarter of the pixels).
+    sampling_ratio, output_size: the trainer's ``roi_sampling_ratio`` and ``roi_output_size``.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be >= 1, got {image_size}")
     backbone = backbone.to(device) if device is not None else backbone
     device = next(backbone.parameters()).device
-    features = {}
-    for name in ("bank", "query"):
-        probe = _load(probe_sets[name])
+    features = {"": {}, "_global": {}} if global_baseline else {"": {}}  # result infix -> split -> [items, C]
+    labels = {}  # split -> [items]
+    for split in ("bank", "query"):
+        probe = _load(probe_sets[split])
         mosaics, boxes = torch.from_numpy(probe["images"]), torch.from_numpy(probe["boxes"])
         item_side = float(boxes[0, 2] - boxes[0, 0])
         view_size = round(image_size * mosaics.shape[-1] / item_side)  # 2 x image_size for a 2 x 2 grid
-        regions, stride = region_features(backbone, mosaics, boxes, view_size, batch_size, sampling_ratio,
-                                          output_size, precision)  # [M*L, C]
-        pooled = global_features(backbone, mosaics, boxes, image_size, 4 * batch_size, precision)  # [M*L, C]
-        features[name] = (regions, pooled, torch.from_numpy(probe["labels"]).flatten().to(device))
-    (bank_r, bank_g, bank_y), (query_r, query_g, query_y) = features["bank"], features["query"]
-    out = {}
-    for suffix, (k, temperature) in KNN.items():
-        out[f"region_knn_top1{suffix}"] = top1(bank_r, bank_y, query_r, query_y, k, temperature)
-        out[f"region_knn_top1_global{suffix}"] = top1(bank_g, bank_y, query_g, query_y, k, temperature)
-    return {**out, "region_bank_items": len(bank_y), "region_query_items": len(query_y), "region_stride": stride}
+        features[""][split], stride = region_features(backbone, mosaics, boxes, view_size, batch_size,
+                                                      sampling_ratio, output_size, precision)
+        if global_baseline:
+            features["_global"][split] = global_features(backbone, mosaics, boxes, image_size, 4 * batch_size,
+                                                         precision)
+        labels[split] = torch.from_numpy(probe["labels"]).flatten().to(device)
+    out = {f"region_knn_top1{kind}{suffix}": top1(unit["bank"], labels["bank"], unit["query"], labels["query"],
+                                                   k, temperature)
+           for kind, unit in features.items() for suffix, (k, temperature) in KNN.items()}
+    return {**out, "region_bank_items": len(labels["bank"]), "region_query_items": len(labels["query"]),
+            "region_stride": stride}
 
 
 def _load(probe) -> dict:
@@ -201,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=128, help="mosaics per forward")
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--global-baseline", action="store_true", default=True,
+                        help="also each item cropped alone and globally pooled (--no-global-baseline: half the time)")
     parser.add_argument("--out", help="also write the result as JSON to this file")
     args = parser.parse_args(argv)
     if args.random_init and not args.arch:
@@ -213,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(args.seed)
     backbone = random_backbone(args.arch) if args.random_init else load_backbone(args.checkpoint, args.arch)
     result = region_probe(backbone, probe_sets, args.image_size, device, args.batch_size,
-                          precision=resolve_precision(args.precision, device))
+                          precision=resolve_precision(args.precision, device), global_baseline=args.global_baseline)
     record = {"checkpoint": args.checkpoint or f"random init ({args.arch})", "image_size": args.image_size, **result}
     print(json.dumps(record))
     if args.out:
