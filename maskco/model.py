@@ -214,6 +214,16 @@ def feature_boxes(boxes: torch.Tensor, stride: int, centre: float) -> torch.Tens
     return boxes + shift if shift else boxes  # [N, L, 4]
 
 
+def region_means(features: torch.Tensor, boxes: torch.Tensor, stride: int, centre: float, sampling_ratio: int,
+                 output_size: int, fused: bool = True) -> torch.Tensor:
+    """``[N, C, H, W]`` + boxes ``[N, L, 4]`` (view pixels) -> RoI-align means ``[N, L, C]``: what ``Encoder.pool``
+    hands the head, also read by the region probe (``maskco.evaluate.region``) so both map boxes alike."""
+    pool = roi.roi_pool if fused else roi.roi_pool_reference
+    # shapes are still checked; the value checks would read the boxes on the host (a sync per step)
+    return pool(features, feature_boxes(boxes, stride, centre), 1.0 / stride, sampling_ratio, aligned=True,
+                output_size=output_size, validate_boxes=False)  # [N, L, C]
+
+
 def sine_position_embedding(height: int, width: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
     """DETR's 2D sine positions (normalize=True, scale 2*pi) -> ``[H*W, dim]``, row-major like ``flatten(2)``.
 
@@ -336,11 +346,8 @@ class Encoder(nn.Module):
         """``[N, C, H, W]`` (+ boxes ``[N, L, 4]`` view pixels) -> region means ``[N, L, C]``; no boxes: ``L = 1``."""
         if boxes is None:
             return features.mean((2, 3))[:, None]  # [N, 1, C]
-        pool = roi.roi_pool if self.roi_fused else roi.roi_pool_reference
-        boxes = feature_boxes(boxes, self.stride, self.cell_centre)  # [N, L, 4]
-        # shapes are still checked; the value checks would read the boxes on the host (a sync per step)
-        return pool(features, boxes, 1.0 / self.stride, self.roi_sampling_ratio, aligned=True,
-                    output_size=self.roi_output_size, validate_boxes=False)  # [N, L, C]
+        return region_means(features, boxes, self.stride, self.cell_centre, self.roi_sampling_ratio,
+                            self.roi_output_size, self.roi_fused)  # [N, L, C]
 
     def embed(self, features: torch.Tensor, boxes: torch.Tensor | None = None) -> torch.Tensor:
         """``[N, C, H, W]`` (+ boxes ``[N, L, 4]`` view pixels) -> ``[N, L, head_dim]`` L2-normalised, fp32."""
