@@ -1,11 +1,17 @@
 """Export the pretrained query backbone for transfer, and read it back (DESIGN 4.8).
 
-``python -m maskco.export CHECKPOINT --out-dir DIR`` writes
+``python -m maskco.export CHECKPOINT --out-dir DIR`` writes, for a torchvision-shaped backbone (the ImageNet
+stem at width 1),
 
 - ``DIR/backbone_torchvision.pth``: the plain torchvision ResNet state dict without ``fc``; it loads with
   ``strict=True`` into ``torchvision.models.<arch>()`` after ``model.fc = nn.Identity()``;
 - ``DIR/backbone_detectron2.pkl``: the same weights under detectron2's names, as numpy arrays, for
   ``MODEL.WEIGHTS`` of an R50-C4 (default) or FPN detector; see docs/transfer.md.
+
+Any other backbone (``stem=cifar`` or ``width != 1``) loads into no torchvision model and no detectron2
+config: it is written as ``DIR/backbone.pth``, ``{"format", "arch", "stem", "width", "state_dict"}``, which
+this project's tools (``evaluate.knn``, ``evaluate.linear``, ``evaluate.region``, ``show``) read back; the
+detectron2 export is refused with one line.
 
 The MPH and the projection head are not exported: they exist only for pretraining. The renaming follows
 MoCo's converter (https://github.com/facebookresearch/moco/blob/main/detection/convert-pretrain-to-detectron2.py)
@@ -22,19 +28,21 @@ import json
 import os
 import pickle
 import re
+import sys
 from collections.abc import Mapping
 
 import torch
-import torchvision
 from torch import nn
 
 from maskco import cli
 from maskco.checkpoint import FORMAT as CHECKPOINT_FORMAT
 from maskco.checkpoint import atomic_write
 # torchvision's ResNet family; which one a state dict is follows from its key set and shapes
-from maskco.model import ARCHS
+from maskco.model import ARCHS, STEMS, is_torchvision_shaped, resnet
 
 TORCHVISION_FILE = "backbone_torchvision.pth"
+BACKBONE_FILE = "backbone.pth"  # a backbone torchvision cannot hold (small stem, other width), with its shape
+BACKBONE_FORMAT = "maskco-backbone-1"
 DETECTRON2_FILE = "backbone_detectron2.pkl"
 # Where each torchvision stage lives in a detectron2 model. C4: the backbone ends at res4 and res5 is the
 # box head (Res5ROIHeads); FPN: the whole ResNet is the bottom-up path of the FPN backbone.
@@ -51,19 +59,26 @@ def _shapes(state_dict: Mapping) -> dict[str, tuple]:
     return {key: tuple(value.shape) for key, value in state_dict.items()}
 
 
-def random_backbone(arch: str) -> nn.Module:
-    """``torchvision.models.<arch>()`` with random weights and ``fc = Identity``: the random-init baseline
-    (and the shell the readers below load weights into)."""
-    model = getattr(torchvision.models, arch)(weights=None)
-    model.fc = nn.Identity()
-    return model
+def random_backbone(arch: str, stem: str = "imagenet", width: float = 1.0) -> nn.Module:
+    """A randomly initialised ResNet with ``fc = Identity`` (``torchvision.models.<arch>()`` for the defaults):
+    the random-init baseline of a run of that shape (and the shell the readers below load weights into)."""
+    return resnet(arch, stem, width)
 
 
 @functools.lru_cache(maxsize=None)
-def _reference(arch: str) -> dict:
-    """The state dict of ``torchvision.models.<arch>()`` with fc = Identity, as meta tensors."""
+def _reference(arch: str, stem: str = "imagenet", width: float = 1.0) -> dict:
+    """The state dict of :func:`random_backbone`, as meta tensors."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
-        return random_backbone(arch).state_dict()
+        return random_backbone(arch, stem, width).state_dict()
+
+
+def add_shape_arguments(parser) -> None:
+    """``--arch``, ``--stem`` and ``--width`` of a tool that builds or checks a backbone."""
+    parser.add_argument("--arch", choices=ARCHS, help="backbone arch (default: from the checkpoint or its key shapes)")
+    parser.add_argument("--stem", choices=STEMS, default=None,
+                        help="with --random-init: the stem (default imagenet); a checkpoint records its own")
+    parser.add_argument("--width", type=float, default=None,
+                        help="with --random-init: the channel multiplier (default 1); a checkpoint records its own")
 
 
 def describe(state_dict: Mapping) -> str:
@@ -93,15 +108,22 @@ def _strip_prefix(state_dict: Mapping, prefix: str) -> dict:
     return {key[len(prefix):]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
-def backbone_weights(state: Mapping, path: str = "<state dict>") -> tuple[dict, str | None]:
-    """(torchvision backbone state dict without fc, arch or None) from any accepted input.
+def backbone_weights(state: Mapping, path: str = "<state dict>") -> tuple[dict, dict]:
+    """(backbone state dict without fc, its shape ``{"arch", "stem", "width"}``, each None where unknown)
+    from any accepted input.
 
-    Accepted: a pretraining checkpoint (``encoder_q`` entries under ``backbone.``; arch from its config),
-    an Encoder state dict (its ``backbone.*`` entries; MPH and head ignored), or a plain torchvision
-    ResNet state dict (an ``fc.*`` classifier, as in torchvision's own weights, is dropped).
+    Accepted: a pretraining checkpoint (``encoder_q`` entries under ``backbone.``; the shape from its
+    config), a ``backbone.pth`` of this project (:data:`BACKBONE_FORMAT`), an Encoder state dict (its
+    ``backbone.*`` entries; MPH and head ignored), or a plain torchvision ResNet state dict (an ``fc.*``
+    classifier, as in torchvision's own weights, is dropped).
     """
+    unknown = {"arch": None, "stem": None, "width": None}
     if not isinstance(state, Mapping):
         raise ValueError(f"{path}: expected a MaskCo checkpoint or a ResNet state dict, found a {type(state).__name__}")
+    if state.get("format") == BACKBONE_FORMAT:
+        if not isinstance(state.get("state_dict"), Mapping):
+            raise ValueError(f"{path}: backbone file without a 'state_dict'")
+        return dict(state["state_dict"]), {key: state.get(key) for key in unknown}
     if "encoder_q" in state or state.get("format") == CHECKPOINT_FORMAT:
         if not isinstance(state.get("encoder_q"), Mapping):
             raise ValueError(f"{path}: MaskCo checkpoint without an 'encoder_q' state dict")
@@ -109,36 +131,42 @@ def backbone_weights(state: Mapping, path: str = "<state dict>") -> tuple[dict, 
         if not weights:
             raise ValueError(f"{path}: checkpoint 'encoder_q' has no 'backbone.*' entries")
         config = state.get("config") if isinstance(state.get("config"), Mapping) else {}
-        return weights, config.get("arch")
+        # a checkpoint older than the stem and width keys had the torchvision shape
+        return weights, {"arch": config.get("arch"), "stem": config.get("stem", "imagenet"),
+                         "width": config.get("width", 1.0)}
     if "backbone.conv1.weight" in state:
         state = _strip_prefix(state, "backbone.")
     weights = {key: value for key, value in state.items() if not str(key).startswith("fc.")}
     if not weights or not all(isinstance(value, torch.Tensor) for value in weights.values()):
         raise ValueError(f"{path}: expected a MaskCo checkpoint or a state dict of tensors; found keys "
                          f"{', '.join(map(str, list(state)[:6]))}")
-    return weights, None
+    return weights, unknown
 
 
-def build_backbone(weights: Mapping, arch: str | None = None, path: str = "<state dict>") -> nn.Module:
-    """A torchvision ResNet (``fc = nn.Identity()``) holding ``weights``; shapes checked first."""
+def build_backbone(weights: Mapping, arch: str | None = None, path: str = "<state dict>", stem: str = "imagenet",
+                   width: float = 1.0) -> nn.Module:
+    """A ResNet of this shape (``fc = nn.Identity()``) holding ``weights``; shapes checked first. ``arch`` is
+    inferred from the keys and shapes when None (torchvision shapes only)."""
     arch = arch or infer_arch(weights)
     if arch not in ARCHS:
         raise ValueError(f"{path}: arch must be one of {', '.join(ARCHS)}, got {arch!r}")
-    if _shapes(weights) != _shapes(_reference(arch)):
+    expected = _reference(arch, stem, width)
+    if _shapes(weights) != _shapes(expected):
         try:
             found = f"{infer_arch(weights)} weights"
         except ValueError:
             found = describe(weights)
-        raise ValueError(f"{path}: expected {arch} weights ({describe(_reference(arch))}), found {found}")
-    model = random_backbone(arch)
+        shape = "" if is_torchvision_shaped(stem, width) else f" with stem={stem}, width={width}"
+        raise ValueError(f"{path}: expected {arch}{shape} weights ({describe(expected)}), found {found}")
+    model = random_backbone(arch, stem, width)
     model.load_state_dict(weights, strict=True)
     return model
 
 
 def load_backbone(path: str, arch: str | None = None) -> nn.Module:
-    """Read a pretraining checkpoint or an exported torchvision dict into a torchvision ResNet (fc = Identity).
+    """Read a pretraining checkpoint, a ``backbone.pth`` or an exported torchvision dict into a ResNet (fc = Identity).
 
-    ``arch`` is checked against the checkpoint's config; for a plain dict it is inferred from the key shapes
+    ``arch`` is checked against what the file records; for a plain dict it is inferred from the key shapes
     when not given. A file of another architecture or not a backbone at all raises ``ValueError`` naming
     ``path`` and what was expected and found.
     """
@@ -151,10 +179,11 @@ def load_backbone(path: str, arch: str | None = None) -> nn.Module:
         reason = next((line.strip() for line in str(error).splitlines() if "Unsupported global" in line),
                       type(error).__name__)
         raise ValueError(f"{path} is not a readable torch file (truncated, or not a checkpoint): {reason}") from None
-    weights, stored_arch = backbone_weights(state, path)
-    if arch and stored_arch and arch != stored_arch:
-        raise ValueError(f"{path}: expected arch {arch}, but the checkpoint was pretrained with {stored_arch}")
-    return build_backbone(weights, arch or stored_arch, path)
+    weights, shape = backbone_weights(state, path)
+    if arch and shape["arch"] and arch != shape["arch"]:
+        raise ValueError(f"{path}: expected arch {arch}, but the checkpoint was pretrained with {shape['arch']}")
+    return build_backbone(weights, arch or shape["arch"], path, shape["stem"] or "imagenet",
+                          1.0 if shape["width"] is None else float(shape["width"]))
 
 
 # ---- writing
@@ -173,6 +202,23 @@ def export_torchvision(state_dict: Mapping, path: str) -> None:
     """
     weights = _checked_weights(state_dict)
     atomic_write(path, lambda stream: torch.save(weights, stream))
+
+
+def export_backbone(state_dict: Mapping, out_dir: str, arch: str, stem: str = "imagenet",
+                    width: float = 1.0) -> str:
+    """Write the backbone where its readers find it -> the file: ``backbone_torchvision.pth`` when
+    torchvision can hold it, else ``backbone.pth`` with its shape (see the module docstring)."""
+    if is_torchvision_shaped(stem, width):
+        path = os.path.join(out_dir, TORCHVISION_FILE)
+        export_torchvision(state_dict, path)
+        return path
+    weights, _ = backbone_weights(state_dict)
+    build_backbone(weights, arch, BACKBONE_FILE, stem, width)  # refuse a partial or foreign state dict
+    payload = {"format": BACKBONE_FORMAT, "arch": arch, "stem": stem, "width": float(width),
+               "state_dict": {key: value.detach().to("cpu").contiguous().clone() for key, value in weights.items()}}
+    path = os.path.join(out_dir, BACKBONE_FILE)
+    atomic_write(path, lambda stream: torch.save(payload, stream))
+    return path
 
 
 def detectron2_name(key: str, layout: str = "c4") -> str:
@@ -213,6 +259,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     backbone = load_backbone(args.checkpoint, args.arch)  # validates arch and shapes once, for both outputs
     weights = backbone.state_dict()
+    shape = _shape_of(backbone)
+    if not is_torchvision_shaped(shape["stem"], shape["width"]):
+        written = export_backbone(weights, args.out_dir, **shape)
+        print(f"maskco.export: detectron2 and torchvision need the ImageNet stem at width 1 (this backbone: "
+              f"stem={shape['stem']}, width={shape['width']}); wrote {written} for this project's tools",
+              file=sys.stderr)
+        record = {"checkpoint": args.checkpoint, **shape, "backbone": written}
+        print(json.dumps(record))
+        return record
     written = {"torchvision": os.path.join(args.out_dir, TORCHVISION_FILE),
                "detectron2": os.path.join(args.out_dir, DETECTRON2_FILE)}
     export_torchvision(weights, written["torchvision"])
@@ -221,6 +276,14 @@ def main(argv: list[str] | None = None) -> dict:
               "detectron2_layout": args.detectron2_layout}
     print(json.dumps(record))
     return record
+
+
+def _shape_of(backbone: nn.Module) -> dict:
+    """``{"arch", "stem", "width"}`` of a backbone built by :func:`random_backbone`."""
+    stem = "cifar" if backbone.conv1.stride == (1, 1) else "imagenet"
+    width = backbone.conv1.out_channels / 64
+    arch = next(a for a in ARCHS if _shapes(_reference(a, stem, width)) == _shapes(backbone.state_dict()))
+    return {"arch": arch, "stem": stem, "width": width}
 
 
 if __name__ == "__main__":

@@ -78,7 +78,8 @@ def contrastive_logits(q, k, valid, temperature, intra=False, other_positives=Fa
     q ``[N, C]``, k ``[N, 1 + M, C]`` (both L2-normalised; ``k[:, 0]`` the positive), valid ``[N]``
     bool or None, extra_negatives ``[Q, C]`` (a queue) appended to every row. K = (n - 1) * M, + M if
     ``intra``, + n - 1 if ``other_positives``, + Q, where n = N / ``groups``: with G virtual GPUs the
-    in-batch negatives of a query come from its own block of n images (the queue is shared). Rows of queries with ``valid`` False use a zero query,
+    in-batch negatives of a query come from its own block of n images (the queue is shared). Rows of
+    queries with ``valid`` False use a zero query,
     so whatever those queries hold (even NaN) reaches neither the logits of others nor any gradient.
     Runs in fp32 with autocast off: logits / t with t = 0.2 need more than bf16's 8 bits.
     """

@@ -9,19 +9,25 @@ def _cell(value) -> str:
 
 
 def table(rows: list[dict], settings: dict, seconds: float) -> str:
-    """One line per method: kNN, linear last-layer, multi-layer per stage (top-1 %), loss, minutes."""
-    head = ["method", "kNN", "linear last", *[f"multi {s}" for s in STAGES], "loss first->last", "min"]
-    lines = [[row["label"], _cell(row.get("knn_top1")), _cell(row.get("linear_last_res5")),
-              *[_cell(row.get(f"linear_multi_{s}")) for s in STAGES],
-              f"{row['first_loss']:.2f}->{row['last_loss']:.2f}" if "first_loss" in row else "-",
+    """One line per method: kNN (k=200 and k=20), region probe (RoI and cropped-item global), linear
+    last-layer and multi-layer per stage (top-1 %), the kNN spread over seeds, loss, minutes."""
+    head = ["method", "kNN", "kNN k20", "region", "region glob", "linear last", *[f"multi {s}" for s in STAGES],
+            "seeds (spread)", "loss first->last", "min"]
+    lines = [[row["label"], _cell(row.get("knn_top1")), _cell(row.get("knn_top1_k20")),
+              _cell(row.get("region_knn_top1")), _cell(row.get("region_knn_top1_global")),
+              _cell(row.get("linear_last_res5")), *[_cell(row.get(f"linear_multi_{s}")) for s in STAGES],
+              f"{len(row.get('seeds', [0]))} ({row.get('knn_top1_spread', 0):.1f})",
+              f"{row['first_loss']:.2f}->{row['last_loss']:.2f}" if row.get("first_loss") is not None else "-",
               f"{row['seconds'] / 60:.1f}"] for row in rows]
     widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
     fmt = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)  # noqa: E731
                                   for i, (c, w) in enumerate(zip(cells, widths)))
-    title = (f"top-1 % on {settings['images']['test']} Fashion-MNIST test images; {settings['budget_steps']} "
-             f"pretraining steps of {settings['batch_size']} ({settings['arch']}, {settings['image_size']} px); "
-             f"{seconds / 60:.1f} min in all")
-    curves = [f"  kNN curve {row['label']}: " + ", ".join(f"{s}: {v:.1f}" for s, v in row["knn_curve"])
+    title = (f"top-1 % on {settings['images']['test']} Fashion-MNIST test images (kNN bank: "
+             f"{settings['images']['train']} train images); {settings['epochs']} epochs of "
+             f"{settings['images']['pretrain']} {settings['data']} images, batch {settings['batch_size']} as "
+             f"{settings['virtual_gpus']} virtual GPUs ({settings['arch']}); {seconds / 60:.1f} min in all")
+    curves = [f"  kNN curve {row['label']} (epoch: k200 / k20): "
+              + ", ".join(f"{e:g}: {a:.1f} / {b:.1f}" for e, a, b in row["knn_curve"])
               for row in rows if row.get("knn_curve")]
     return "\n".join([title, fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines), *curves])
 
@@ -38,12 +44,12 @@ def plot(rows: list[dict], settings: dict, path: str) -> str:
         if row["method"] == "random_init":
             axes.axhline(row["knn_top1"], color="gray", linestyle="--", label=f"{row['label']}: {row['knn_top1']:.1f}")
         elif row.get("knn_curve"):
-            steps, values = zip(*row["knn_curve"])
-            axes.plot(steps, values, marker="o", label=f"{row['label']}: {values[-1]:.1f}")
+            epochs, values, _ = zip(*row["knn_curve"])
+            axes.plot(epochs, values, marker="o", label=f"{row['label']}: {values[-1]:.1f}")
     axes.set_xlim(left=0)
-    axes.set_xlabel("pretraining step")
-    axes.set_ylabel("kNN top-1 on the test split (%)")
-    axes.set_title(f"Fashion-MNIST, {settings['arch']} at {settings['image_size']} px: "
+    axes.set_xlabel("pretraining epoch")
+    axes.set_ylabel("kNN top-1 on the test split (%, k=200)")
+    axes.set_title(f"Fashion-MNIST ({settings['data']}), {settings['arch']}: "
                    f"{settings['budget_steps']} steps of {settings['batch_size']} images", fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="best")

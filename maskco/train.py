@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
-import os
 import sys
 import time
 from typing import Optional
@@ -20,7 +19,7 @@ from maskco import checkpoint, cli as grammar, dist
 from maskco.build import Run, amp_dtype, build_run, resolve_data
 from maskco.config import Config, ConfigError, build_config, global_batch, method_label, peak_lr
 from maskco.engine import Diverged, LoopState, train
-from maskco.export import TORCHVISION_FILE, export_torchvision
+from maskco.export import export_backbone
 from maskco.model import unwrap
 from maskco.runlog import RunLog, git_revision, signal_name, train_lines
 
@@ -240,9 +239,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     done = state.step >= stop_step and not state.stop_signal
     exported = None
     if done and cfg.export and info.rank == 0:
-        exported = os.path.join(cfg.out_dir, TORCHVISION_FILE)
-        export_torchvision(unwrap(run.encoder_q).state_dict(), exported)
-        log.write({"exported": exported, "arch": cfg.arch})
+        # torchvision's file where torchvision can hold the backbone, else backbone.pth with its shape
+        exported = export_backbone(unwrap(run.encoder_q).state_dict(), cfg.out_dir, cfg.arch, cfg.stem, cfg.width)
+        log.write({"exported": exported, "arch": cfg.arch, "stem": cfg.stem, "width": cfg.width})
     if state.stop_signal:
         log.write({"interrupted": signal_name(state.stop_signal), "asked_at_step": state.stop_asked_at,
                    "step": state.step, "checkpoint": store.last, "hint": "run the same command again to resume"})

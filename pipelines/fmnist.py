@@ -5,7 +5,8 @@ classes; Debian ships it as ``dataset-fashion-mnist`` (the standard IDX ``.gz`` 
 ``/usr/share/datasets/fashion-mnist/``). This module reads the IDX files itself (gzip + numpy, no
 torchvision dataset, no download) and writes three deterministic splits under ``out_dir``:
 
-    pretrain/train_012345.png            unlabelled (a flat folder): a subset of the 60k train images
+    pretrain/<k_class>/train_012345.png  pretraining images (labels unused by self-supervision; the
+                                         supervised ceiling of make quality reads them): train images
     train/<k_class>/train_054321.png     labelled (kNN bank, linear training): other train images
     test/<k_class>/t10k_01234.png        labelled, from the 10k test images (kNN queries, linear top-1)
 
@@ -44,7 +45,7 @@ FILES = {  # split -> (images, labels), as the package (and the original release
 CLASSES = ("0_tshirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat", "5_sandal", "6_shirt",
            "7_sneaker", "8_bag", "9_ankle_boot")  # the digit keeps ImageFolder's sorted order = label order
 MARKER = "fmnist_splits.json"
-FORMAT_VERSION = 1  # bump when what is written changes, so old folders are rebuilt
+FORMAT_VERSION = 2  # bump when what is written changes, so old folders are rebuilt (2: labelled pretrain)
 
 
 class FashionMNISTMissing(DataError):
@@ -145,7 +146,7 @@ def write_splits(out_dir: str, fmnist_dir: str = DEFAULT_DIR, pretrain: int = 38
     # that look complete (the marker is written last, inside the staging folder).
     staging = f"{out_dir}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    for split, (images, labels, prefix) in {"pretrain": (train_images, None, "train"),
+    for split, (images, labels, prefix) in {"pretrain": (train_images, train_labels, "train"),
                                            "train": (train_images, train_labels, "train"),
                                            "test": (test_images, test_labels, "t10k")}.items():
         for index in picks[split]:

@@ -15,8 +15,8 @@ from maskco import quality
 from pipelines import fmnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ["--arch=resnet18", "--image_size=64", "--batch_size=8", "--epochs=2", "--mph_width=64", "--mph_heads=2",
-        "--head_hidden=128", "--head_dim=32", "--num_negatives=4", "--workers=0", "--log_every=1"]
+TINY = ["--arch=resnet18", "--width=0.25", "--batch_size=8", "--virtual_gpus=2", "--epochs=2", "--mph_width=32",
+        "--mph_heads=2", "--head_hidden=64", "--head_dim=32", "--num_negatives=4", "--workers=0", "--log_every=1"]
 
 
 def write_idx(path: str, array: np.ndarray) -> None:
@@ -74,23 +74,48 @@ def test_missing_package_is_one_line_exit_2(tmp_path):
     assert fmnist.INSTALL in result.stderr
 
 
-def test_quality_writes_every_row_and_the_figure(tmp_path, fake_fmnist):
+def _quality(tmp_path, fake_fmnist, *extra) -> list[dict]:
     out_dir = tmp_path / "out"
     code = quality.main([f"--fmnist-dir={fake_fmnist}", f"--data-dir={tmp_path / 'data'}", f"--out-dir={out_dir}",
                          "--pretrain-images=16", "--train-images=20", "--test-images=10", "--linear-epochs=1",
-                         "--linear-batch=10", "--queue=16", *TINY])
+                         "--linear-batch=10", "--queue=16", "--probe-mosaics", "5", "3", *TINY, *extra])
     assert code == 0
-    with open(out_dir / quality.RESULTS, encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle]
-    assert rows[0]["settings"] and rows[0]["budget_steps"] == 4  # 2 epochs x 16 images / 8
-    assert [row["method"] for row in rows[1:]] == ["random_init", "maskco", "mocov2", "maskco_half_pixel"]
-    for row in rows[1:]:
-        stages = ("conv1", "res2", "res3", "res4", "res5")
-        keys = ["knn_top1", "linear_last_res5", *[f"linear_multi_{s}" for s in stages]]
-        assert all(0 <= row[key] <= 100 for key in keys), row
-    for row in rows[2:]:
-        assert row["steps"] == 4 and [step for step, _ in row["knn_curve"]] == [2, 4]
-    assert rows[3]["label"].startswith("MoCo v2-like") and "queue_size=16" in rows[3]["label"]
-    assert "half_pixel" in rows[4]["label"]
     with open(out_dir / quality.FIGURE, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(out_dir / quality.RESULTS, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_quality_writes_every_row_and_the_figure(tmp_path, fake_fmnist):
+    rows = _quality(tmp_path, fake_fmnist, "--variants=mocov2,maskco,supervised")
+    assert rows[0]["settings"] and rows[0]["budget_steps"] == 4  # 2 epochs x 16 images / 8
+    assert [row["method"] for row in rows[1:]] == ["random_init", "mocov2", "maskco", "supervised"]
+    for row in rows[1:]:  # every arm, random init included, evaluated the same way
+        stages = ("conv1", "res2", "res3", "res4", "res5")
+        keys = ["knn_top1", "knn_top1_k20", "region_knn_top1", "region_knn_top1_k20", "region_knn_top1_global",
+                "linear_last_res5", *[f"linear_multi_{s}" for s in stages]]
+        assert all(0 <= row[key] <= 100 for key in keys), row
+    for row in rows[2:]:  # a kNN point (k=200 and k=20) after every epoch
+        assert row["steps"] == 4 and [epoch for epoch, _, _ in row["knn_curve"]] == [1, 2]
+    assert rows[2]["label"].startswith("MoCo v2-like") and "queue_size=16" in rows[2]["label"]
+    assert rows[4]["label"].startswith("supervised")
+    assert "random init (resnet18 cifar stem x0.25, 32 px)" == rows[1]["label"]
+
+
+def test_quality_seeds_give_the_mean_and_spread_and_one_random_init_per_architecture(tmp_path, fake_fmnist):
+    rows = _quality(tmp_path, fake_fmnist, "--variants=mocov2,mocov2_96px", "--seeds=0,1", "--linear-epochs=0",
+                    "--epochs=1")
+    assert [row["method"] for row in rows[1:]] == ["random_init", "random_init", "mocov2", "mocov2_96px"]
+    assert "32 px" in rows[1]["label"] and "imagenet stem x0.25, 96 px" in rows[2]["label"]
+    for row in rows[1:]:
+        assert row["seeds"] == [0, 1] and len(row["per_seed"]) == 2
+        values = [seed["knn_top1"] for seed in row["per_seed"]]
+        assert row["knn_top1"] == pytest.approx(sum(values) / 2)
+        assert row["knn_top1_spread"] == pytest.approx(max(values) - min(values))
+
+
+def test_quality_on_mosaics(tmp_path, fake_fmnist):
+    rows = _quality(tmp_path, fake_fmnist, "--data=mosaics", "--mosaics=16", "--variants=maskco,supervised",
+                    "--linear-epochs=0", "--epochs=1")
+    assert rows[0]["data"] == "mosaics" and rows[0]["splits"]["pretrain"].endswith("mosaics/pretrain")
+    assert [row["method"] for row in rows[1:]] == ["random_init", "maskco"]  # no single-label ceiling

@@ -117,8 +117,10 @@ def knn_scores(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Ten
 
 
 def knn_accuracy(backbone: nn.Module, train_loader, val_loader, device: torch.device, k: int = 20,
-                 temperature: float = 0.07, precision: str = "fp32", distributed: bool | None = None) -> dict:
-    """kNN top-1 / top-5 accuracy (%) of val images against the train images: ``{"top1", "top5"}``.
+                 temperature: float = 0.07, precision: str = "fp32", distributed: bool | None = None,
+                 also: tuple = ()) -> dict:
+    """kNN top-1 / top-5 accuracy (%) of val images against the train images: ``{"top1", "top5"}``, plus
+    ``top1_k<k>`` for each ``(k, temperature)`` in ``also`` (the same features, another vote).
 
     Loaders yield ``pipelines.Batch`` (``view_q``, ``label``) or ``(images uint8 [N,3,S,S], labels [N])``.
     distributed (default: a process group exists): the loaders are per-rank shards of each split.
@@ -136,13 +138,20 @@ def knn_accuracy(backbone: nn.Module, train_loader, val_loader, device: torch.de
     scores = knn_scores(bank, bank_labels, queries, num_classes, k, temperature, distributed)  # [Q, classes]
     top = scores.topk(min(5, num_classes), dim=1).indices  # [Q, 5]
     hit = top == query_labels[:, None]
-    return {"top1": 100 * hit[:, 0].float().mean().item(), "top5": 100 * hit.any(dim=1).float().mean().item()}
+    result = {"top1": 100 * hit[:, 0].float().mean().item(), "top5": 100 * hit.any(dim=1).float().mean().item()}
+    for other_k, other_t in also:
+        other = knn_scores(bank, bank_labels, queries, num_classes, other_k, other_t, distributed).argmax(dim=1)
+        result[f"top1_k{other_k}"] = 100 * (other == query_labels).float().mean().item()
+    return result
 
 
 def knn_monitor(backbone: nn.Module, train_source: str, val_source: str, image_size: int, device: torch.device,
                 batch_size: int, workers: int | None = None, rank: int = 0, world_size: int = 1, *,
-                backend: str = "torch", k: int = 20, temperature: float = 0.07, precision: str = "auto") -> dict:
-    """The pretrainer's periodic kNN check: ``{"top1", "top5"}`` (%) on ``val_source`` against ``train_source``.
+                backend: str = "torch", k: int = 200, temperature: float = 0.1, precision: str = "auto",
+                also: tuple = ((20, 0.07),)) -> dict:
+    """The pretrainer's periodic kNN check: ``{"top1", "top5", "top1_k20"}`` (%) on ``val_source`` against
+    ``train_source``: k = 200, t = 0.1 (InstDisc's and MoCo's CIFAR demo's monitor), and k = 20, t = 0.07
+    from the same features (``also``).
 
     Both splits are read once in evaluation mode (resize + centre crop, every image once), each rank
     embedding its shard; all ranks must call it (collectives inside) and all get the same numbers.
@@ -156,24 +165,26 @@ def knn_monitor(backbone: nn.Module, train_source: str, val_source: str, image_s
     loaders = [pipelines.build_loader(backend, source, batch_size=batch_size, image_size=image_size, device=device,
                                       rank=rank, world_size=world_size, workers=workers, eval_mode=True)
                for source in (train_source, val_source)]
-    return knn_accuracy(backbone, *loaders, device, k, temperature, precision, distributed=world_size > 1)
+    return knn_accuracy(backbone, *loaders, device, k, temperature, precision, distributed=world_size > 1,
+                        also=also)
 
 
 def main(argv: list[str] | None = None) -> dict:
 
-    from maskco.export import ARCHS, load_backbone, random_backbone
+    from maskco.export import add_shape_arguments, load_backbone, random_backbone
 
     parser = cli.ArgumentParser(prog="python -m maskco.evaluate.knn", description=__doc__.split("\n\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="pretraining checkpoint or exported torchvision backbone")
     source.add_argument("--random-init", action="store_true", help="a randomly initialised --arch (baseline)")
-    parser.add_argument("--arch", choices=ARCHS)
+    add_shape_arguments(parser)
     parser.add_argument("--train", required=True, help="labelled split for the memory bank")
     parser.add_argument("--val", required=True, help="labelled split to classify")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=128, help="images per rank per step")
-    parser.add_argument("--k", type=int, default=20)
-    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--k", type=int, default=200,
+                        help="neighbours (default 200, with --temperature 0.1; k=20, t=0.07 is also reported)")
+    parser.add_argument("--temperature", type=float, default=0.1)
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
@@ -186,12 +197,13 @@ def main(argv: list[str] | None = None) -> dict:
     info = dist.init_distributed(None if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
     if args.random_init:
-        backbone = random_backbone(args.arch)
+        backbone = random_backbone(args.arch, args.stem or "imagenet", args.width or 1.0)
     else:
         backbone = load_backbone(args.checkpoint, args.arch)
     result = knn_monitor(backbone.to(info.device), args.train, args.val, args.image_size, info.device,
                          args.batch_size, args.workers, info.rank, info.world_size, backend=args.backend,
-                         k=args.k, temperature=args.temperature, precision=args.precision)
+                         k=args.k, temperature=args.temperature, precision=args.precision,
+                         also=() if args.k == 20 else ((20, 0.07),))
     record = {"checkpoint": args.checkpoint or f"random init ({args.arch})", "k": args.k,
               "temperature": args.temperature, "image_size": args.image_size,
               **{f"knn_{key}": value for key, value in result.items()}}

@@ -44,7 +44,7 @@ from maskco.build import resolve_precision
 from maskco.evaluate.features import (POOLINGS, PROTOCOLS, MultiLayerFeatures, check_labels, images_and_labels,
                                       source_classes)
 from maskco.evaluate.linear_augment import COLOR_JITTER, LIGHTING_STD, TrainAugment
-from maskco.export import ARCHS, load_backbone, random_backbone
+from maskco.export import add_shape_arguments, load_backbone, random_backbone
 from maskco.model import unwrap
 from maskco.runlog import RunLog, git_revision
 
@@ -183,7 +183,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="pretraining checkpoint or exported torchvision backbone")
     source.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised --arch (baseline)")
-    parser.add_argument("--arch", choices=ARCHS, help="backbone arch (default: from the checkpoint or its key shapes)")
+    add_shape_arguments(parser)
     parser.add_argument("--train", required=True, help="labelled training split (ImageFolder root, .txt list, ...)")
     parser.add_argument("--val", required=True, help="labelled validation split")
     parser.add_argument("--num-classes", type=int, help="class count, for sources whose classes cannot be listed")
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- model: frozen backbone, trainable heads
     if args.random_init:
-        backbone = random_backbone(args.arch)
+        backbone = random_backbone(args.arch, args.stem or "imagenet", args.width or 1.0)
     else:
         backbone = load_backbone(args.checkpoint, args.arch)
     features = MultiLayerFeatures(backbone.to(device), args.protocol, args.pooling, precision)

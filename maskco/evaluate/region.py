@@ -188,7 +188,7 @@ def _load(probe) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     from maskco.build import resolve_precision
-    from maskco.export import ARCHS, load_backbone, random_backbone
+    from maskco.export import add_shape_arguments, load_backbone, random_backbone
     from pipelines.fmnist import DEFAULT_DIR
     from pipelines.mosaics import write_probe_sets
 
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="pretraining checkpoint or exported torchvision backbone")
     source.add_argument("--random-init", action="store_true", help="a randomly initialised --arch (baseline)")
-    parser.add_argument("--arch", choices=ARCHS)
+    add_shape_arguments(parser)
     parser.add_argument("--image-size", type=int, default=32, help="the pretraining view size (default 32)")
     parser.add_argument("--probe-dir", default="data/mosaic_probe", help="where the probe sets are written (reused)")
     parser.add_argument("--fmnist-dir", default=DEFAULT_DIR, help="folder of the Fashion-MNIST IDX .gz files")
@@ -218,7 +218,10 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- data, then model, then the probe
     probe_sets = write_probe_sets(args.probe_dir, args.fmnist_dir, args.bank, args.query, args.seed)
     torch.manual_seed(args.seed)
-    backbone = random_backbone(args.arch) if args.random_init else load_backbone(args.checkpoint, args.arch)
+    if args.random_init:
+        backbone = random_backbone(args.arch, args.stem or "imagenet", args.width or 1.0)
+    else:
+        backbone = load_backbone(args.checkpoint, args.arch)
     result = region_probe(backbone, probe_sets, args.image_size, device, args.batch_size,
                           precision=resolve_precision(args.precision, device), global_baseline=args.global_baseline)
     record = {"checkpoint": args.checkpoint or f"random init ({args.arch})", "image_size": args.image_size, **result}
