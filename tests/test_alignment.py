@@ -20,11 +20,12 @@ TOLERANCE = 0.03  # of the source side: the issue's bound on query-vs-positive d
 MAPPINGS = ("default", "half_pixel")  # the Encoder's default roi_centering (receptive), and the old mapping
 
 
-def trunk_encoder(arch: str, dilated: bool, mapping: str = "default") -> model.Encoder:
+def trunk_encoder(arch: str, dilated: bool, mapping: str = "default", stem: str = "imagenet",
+                  width: float = 1.0) -> model.Encoder:
     """A random ``arch`` trunk (seed 0) without MPH, BN in eval mode; ``mapping`` from MAPPINGS."""
     torch.manual_seed(0)
     kwargs = {} if mapping == "default" else {"roi_centering": mapping}
-    return model.Encoder(arch, dilated=dilated, mph="none", **kwargs).eval()
+    return model.Encoder(arch, dilated=dilated, mph="none", stem=stem, width=width, **kwargs).eval()
 
 
 def symmetrise_kernels_(encoder: model.Encoder) -> model.Encoder:
@@ -69,9 +70,12 @@ def cell_centroids(encoder: model.Encoder, size: int, cells: list[int]) -> torch
     return centroid(grad)
 
 
-@pytest.mark.parametrize("arch, dilated, size", [("resnet18", False, 224), ("resnet50", False, 224),
-                                                 ("resnet50", True, 176)])
-def test_measured_cell_centre_is_the_encoders(arch, dilated, size):
+@pytest.mark.parametrize("arch, dilated, size, stem, width, stride", [
+    ("resnet18", False, 224, "imagenet", 1.0, 32), ("resnet50", False, 224, "imagenet", 1.0, 32),
+    ("resnet50", True, 176, "imagenet", 1.0, 16), ("resnet18", False, 72, "cifar", 0.25, 8),
+    ("resnet50", False, 72, "cifar", 0.5, 8), ("resnet50", True, 36, "cifar", 0.25, 4),
+    ("resnet18", False, 224, "imagenet", 0.5, 32)])
+def test_measured_cell_centre_is_the_encoders(arch, dilated, size, stem, width, stride):
     """Cell j's receptive field is centred at ``stride * j + encoder.cell_centre`` (0.5 px), not at
     ``stride * (j + 1/2)`` as ``roi_align(aligned=True)`` assumes.
 
@@ -80,12 +84,13 @@ def test_measured_cell_centre_is_the_encoders(arch, dilated, size):
     ``size - stride * j + c``, each is the other's mirror image to within 2c = 1 px, their pulls cancel, and
     ``(x_j + x_{n-j} - size) / 2`` is c itself.
     """
-    encoder = symmetrise_kernels_(trunk_encoder(arch, dilated))
+    encoder = symmetrise_kernels_(trunk_encoder(arch, dilated, stem=stem, width=width))
+    assert encoder.stride == stride  # measured on the trunk, not assumed
     n = size // encoder.stride
     centres = cell_centroids(encoder, size, [n // 2, n - n // 2])  # [2, 2]: cells j, n - j; x, y
     measured = (centres.sum(0) - size) / 2  # [2] cell 0's centre in x and y
     assert (measured - encoder.cell_centre).abs().max() < 1.0, measured
-    half_pixel = trunk_encoder(arch, dilated, "half_pixel").cell_centre
+    half_pixel = trunk_encoder(arch, dilated, "half_pixel", stem, width).cell_centre
     assert half_pixel == encoder.stride / 2
     assert ((measured - half_pixel).abs() > encoder.stride / 2 - 1.5).all(), measured  # the old mapping's error
 

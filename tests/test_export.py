@@ -8,7 +8,7 @@ import torch
 import torchvision
 from torch import nn
 
-from maskco import export
+from maskco import export, model
 from maskco.checkpoint import FORMAT
 
 # detectron2 R50 (torchvision-style Bottleneck: stride in the 3x3), blocks per stage 3/4/6/3; written out here
@@ -189,3 +189,38 @@ def test_reads_the_encoder_of_maskco_model(tmp_path):
     expected = {key[len("backbone."):]: value for key, value in encoder.state_dict().items()
                 if key.startswith("backbone.")}
     assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+@pytest.mark.parametrize("stem, width", [("cifar", 0.25), ("imagenet", 0.5), ("cifar", 1.0)])
+def test_small_stem_and_width_round_trip_through_backbone_pth(tmp_path, stem, width):
+    """A backbone torchvision cannot hold is written as backbone.pth with its shape and read back whole."""
+    torch.manual_seed(0)
+    encoder = model.Encoder("resnet18", mph="none", stem=stem, width=width, head_hidden=16, head_dim=8)
+    path = export.export_backbone(encoder.state_dict(), str(tmp_path), "resnet18", stem, width)
+    assert os.path.basename(path) == export.BACKBONE_FILE
+    loaded = export.load_backbone(path).eval()
+    assert loaded.conv1.stride == ((1, 1) if stem == "cifar" else (2, 2))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), encoder.backbone.eval()(x))
+    with pytest.raises(ValueError, match="resnet34"):
+        export.load_backbone(path, "resnet34")
+
+
+def test_export_cli_refuses_detectron2_for_a_small_stem_in_one_line(tmp_path, capsys):
+    torch.manual_seed(0)
+    encoder = model.Encoder("resnet18", mph="none", stem="cifar", width=0.25, head_hidden=16, head_dim=8)
+    source = export.export_backbone(encoder.state_dict(), str(tmp_path), "resnet18", "cifar", 0.25)
+    record = export.main([source, "--out-dir", str(tmp_path / "out")])
+    assert record["backbone"].endswith(export.BACKBONE_FILE) and record["stem"] == "cifar"
+    assert not os.path.exists(tmp_path / "out" / export.DETECTRON2_FILE)
+    assert capsys.readouterr().err.strip().count("\n") == 0  # one line says why
+
+
+def test_torchvision_shape_still_exports_for_torchvision(tmp_path):
+    torch.manual_seed(0)
+    encoder = model.Encoder("resnet18", mph="none", head_hidden=16, head_dim=8)
+    path = export.export_backbone(encoder.state_dict(), str(tmp_path), "resnet18")
+    assert os.path.basename(path) == export.TORCHVISION_FILE
+    reference = torchvision.models.resnet18()
+    reference.fc = nn.Identity()
+    reference.load_state_dict(torch.load(path, weights_only=True), strict=True)
