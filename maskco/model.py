@@ -91,7 +91,7 @@ def resnet(arch: str = "resnet50", stem: str = "imagenet", width: float = 1.0, d
     return model
 
 
-def _c5_channels(backbone: nn.Module) -> int:
+def c5_channels(backbone: nn.Module) -> int:
     """Channels of C5: the last block's output (its last BatchNorm's width)."""
     last = backbone.layer4[-1]
     return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
@@ -313,7 +313,7 @@ class Encoder(nn.Module):
         self.backbone = resnet(arch, stem, width, dilated)
         self.stride = trunk_stride(self.backbone)  # 32, 16 dilated; 8 / 4 with the small-image stem
         self.cell_centre = cell_centre(self.stride, roi_centering)  # also validates roi_centering
-        self.channels = _c5_channels(self.backbone)  # 512 (resnet18/34), 2048 (resnet50); x width
+        self.channels = c5_channels(self.backbone)  # 512 (resnet18/34), 2048 (resnet50); x width
         if mph == "attn":
             self.mph = AttentionMPH(self.channels, mph_width, mph_layers, mph_heads)
         elif mph == "conv":

@@ -23,7 +23,7 @@ from maskco.config import Config, peak_lr
 from maskco.evaluate.knn import knn_monitor
 from maskco.export import export_backbone
 from maskco.method import MethodSpec, draw_noise, inputs_from_noise
-from maskco.model import param_groups, resnet, set_virtual_gpus
+from maskco.model import c5_channels, param_groups, resnet, set_virtual_gpus
 from maskco.step import step_seed
 
 
@@ -32,9 +32,7 @@ def build_classifier(cfg: Config, classes: int) -> torch.nn.Sequential:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         backbone = set_virtual_gpus(resnet(cfg.arch, cfg.stem, cfg.width), cfg.virtual_gpus)
-        with torch.no_grad():
-            channels = backbone(torch.zeros(2, 3, cfg.image_size, cfg.image_size)).shape[1]
-        return torch.nn.Sequential(backbone, torch.nn.Linear(channels, classes))
+        return torch.nn.Sequential(backbone, torch.nn.Linear(c5_channels(backbone), classes))
 
 
 def train_supervised(cfg: Config, classes: int, log_path: str) -> dict:

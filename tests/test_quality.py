@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 import pytest
 
 from maskco import quality
@@ -119,3 +120,16 @@ def test_quality_on_mosaics(tmp_path, fake_fmnist):
                     "--linear-epochs=0", "--epochs=1")
     assert rows[0]["data"] == "mosaics" and rows[0]["splits"]["pretrain"].endswith("mosaics/pretrain")
     assert [row["method"] for row in rows[1:]] == ["random_init", "maskco"]  # no single-label ceiling
+
+
+def test_supervised_classifier_is_the_runs_network_with_its_virtual_gpus():
+    from maskco.config import build_config
+    from maskco.model import GroupBatchNorm2d
+    from maskco.supervised import build_classifier
+
+    cfg = build_config(["quality_cpu"])  # 8 virtual GPUs of 32
+    classifier = build_classifier(cfg, 10)
+    norms = [m for m in classifier.modules() if isinstance(m, GroupBatchNorm2d)]
+    assert norms and all(m.groups == 8 for m in norms)
+    assert classifier[1].in_features == 128  # ResNet-18 at width 0.25
+    assert classifier(torch.zeros(16, 3, 32, 32)).shape == (16, 10)
