@@ -223,7 +223,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             log.write({"epoch": loop_state.epoch, "step": loop_state.step, **knn(cfg, run, info)})
 
     log.start_progress(stop_step, state.step)
-    began = time.perf_counter()
+    began, first_step = time.perf_counter(), state.step
     try:
         state = train(run, loader, state, log.write, save, epoch_end)
     except Diverged as error:
@@ -235,7 +235,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         _finish(run, log)
         return EXIT_DIVERGED
     except BaseException as error:  # a crash, or a second Ctrl-C: into the log with its step, then up to cli()
-        log.record_failure(failure_record(error, state.step, info.rank))
+        if state.step > first_step or not isinstance(error, KNOWN_ERRORS):  # bad input at once: as if at start
+            log.record_failure(failure_record(error, state.step, info.rank))
         raise
     finally:
         loader.close()  # its workers end now, whatever happened (pipelines.close_all is the backstop)
