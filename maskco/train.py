@@ -237,6 +237,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except BaseException as error:  # a crash, or a second Ctrl-C: into the log with its step, then up to cli()
         if state.step > first_step or not isinstance(error, KNOWN_ERRORS):  # bad input at once: as if at start
             log.record_failure(failure_record(error, state.step, info.rank))
+        error.during_training = True  # this rank's own: said by this rank (cli)
         raise
     finally:
         loader.close()  # its workers end now, whatever happened (pipelines.close_all is the backstop)
@@ -305,7 +306,9 @@ def cli() -> int:
     try:
         return main()
     except KNOWN_ERRORS as error:
-        code = grammar.fail("maskco.train", error)
+        # one that stopped the run before training is the same on every rank (config, data, checkpoint): once a node
+        same_everywhere = not getattr(error, "during_training", False)
+        code = grammar.fail("maskco.train", error, quiet=same_everywhere and os.environ.get("LOCAL_RANK", "0") != "0")
     except KeyboardInterrupt:
         print("maskco.train: interrupted by a second Ctrl-C; run the same command again to resume from the last "
               "checkpoint", file=sys.stderr)

@@ -135,6 +135,11 @@ def test_a_failed_checkpoint_write_ends_the_run_and_keeps_the_previous_one(tmp_p
 
 
 # ---- 2. a dead worker, a second Ctrl-C
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", encoding="utf-8") as handle:
+        return int(handle.read().rsplit(")", 1)[1].split()[1])
+
+
 def _workers_of(pid: int) -> list[int]:
     children = []
     for name in filter(str.isdigit, os.listdir("/proc")):
@@ -195,7 +200,8 @@ def test_a_script_that_raises_in_its_loop_exits_with_the_error(sample_root):
 
 # ---- 4. two gloo ranks: one crashes, the job ends (or restarts and resumes) instead of waiting dist_timeout
 def _torchrun(fault: str, args: list[str], restarts: int, log) -> subprocess.Popen:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+    """The job as make pretrain GPUS=2 launches it: maskco.launch (torchrun's own launcher) over 2 ranks."""
+    command = [sys.executable, "-m", "maskco.launch", "--standalone", "--nproc_per_node=2",
                f"--max-restarts={restarts}", "-m", "tests.fault_driver", fault, *args]
     return subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -223,11 +229,36 @@ def test_a_rank_killed_mid_step_ends_the_job(tmp_path, sample_root):
         ends_at = time.monotonic() + STARTUP
         while not _saved(out_dir, 2)() and time.monotonic() < ends_at:
             time.sleep(0.2)
-        os.kill(_ranks(process.pid)[1], signal.SIGKILL)
+        rank_1 = _ranks(process.pid)[1]
+        while _parent(rank_1) != process.pid:
+            rank_1 = _parent(rank_1)  # a loader worker of rank 1 inherits RANK too: its rank is the parent
+        os.kill(rank_1, signal.SIGKILL)
         code = ends(process)
-    assert code != 0
+        log.seek(0)
+        said = log.read()
+    assert code == 128 + signal.SIGKILL and "rank 1 was killed by SIGKILL" in said, said[-3000:]
     saved = [r["step"] for r in records(out_dir) if r.get("checkpoint")]
     assert_intact(out_dir, saved[-1])
+
+
+def _launch(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "maskco.launch", "--standalone", "--nproc_per_node=2", "-m",
+                           "maskco.train", *args], cwd=ROOT, capture_output=True, text=True, timeout=STARTUP)
+
+
+def test_a_bad_key_under_the_launcher_is_one_line_and_exit_2():
+    result = _launch(*TINY, "--base_lr=-1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "maskco.train: error: config key 'base_lr' must be finite and > 0 (a negative lr climbs the loss), got -1.0"]
+
+
+def test_divergence_under_the_launcher_is_one_line_and_exit_3(tmp_path, sample_root):
+    result = _launch(*TINY, f"--data={sample_root}", f"--out_dir={tmp_path / 'run'}", "--device=cpu",
+                     "--temperature=1.0e-38", "--max_steps=3")
+    assert result.returncode == 3, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "training diverged" in lines[0], result.stderr[-3000:]
 
 
 # ---- 5. evaluations that fail after a loader with workers ran
