@@ -43,8 +43,9 @@ MACHINE_CHECK := $(if $(filter-out 0 1,$(GPUS)),$(PY) -m maskco.machine --gpus=$
 # pip's output (the editable-install banner, root and version notices) goes to a log, shown only on failure
 PIP_QUIET = --disable-pip-version-check > $(VENV)/pip.log 2>&1 || { cat $(VENV)/pip.log; exit 1; }
 # RESTARTS: torchrun relaunches every worker after one dies, up to N times; each relaunch resumes from
-# the last checkpoint (multi-GPU / multi-node runs only)
-LAUNCH := $(if $(MULTI),$(VENV)/bin/torchrun --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS) $(RDZV),$(PY))
+# the last checkpoint (multi-GPU / multi-node runs only). maskco.launch is torchrun that exits with the
+# failed rank's code (2 bad input, 3 diverged, ...) instead of torchrun's 1
+LAUNCH := $(if $(MULTI),$(PY) -m maskco.launch --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS) $(RDZV),$(PY))
 
 .PHONY: venv pretrain test bench show ffcv linear export sample quality clean-venv
 

@@ -13,7 +13,9 @@ In a run's ``out_dir`` (:class:`Store`):
 - ``checkpoints.json``: the kept files, newest first, with their size and SHA-256. Resuming verifies
   the newest against it and falls back to the previous one, with a warning, if it is damaged.
 
-Only the last ``keep`` files stay. Temporary files left by a killed writer are removed when a run
+Only the last ``keep`` good files stay: a file that fails verification (resuming, or before an older
+file is counted as kept) is moved aside as ``<name>.damaged``, named in one warning, and never counted,
+so a damaged file never costs a good one. Temporary files left by a killed writer are removed when a run
 starts. Files get the permissions of the process umask (like any file the user creates), not
 ``tempfile``'s private 0600.
 """
@@ -39,6 +41,7 @@ LAST = "checkpoint_last.pt"
 MANIFEST = "checkpoints.json"
 TMP_PREFIX = ".tmp-"
 STEP_FILE = re.compile(r"^checkpoint_step(\d+)\.pt$")
+DAMAGED = ".damaged"  # suffix of a file that failed verification, moved aside
 
 
 class CheckpointError(ValueError):
@@ -179,15 +182,18 @@ def _manifest_hash(path: str) -> Optional[str]:
 
 
 class Store:
-    """The checkpoints of one run in ``folder``: save (keeping the last ``keep``), find the newest good one.
+    """The checkpoints of one run in ``folder``: save (keeping the last ``keep`` good ones), find the newest
+    good one. ``warn(message)`` hears of every damaged file moved aside.
 
     Only one process (rank 0) saves; every rank may read.
     """
 
-    def __init__(self, folder: str, keep: int = 2):
+    def __init__(self, folder: str, keep: int = 2, warn: Optional[Callable[[str], None]] = None):
         if keep < 1:
             raise ValueError(f"keep must be >= 1, got {keep}")
         self.folder, self.keep = folder, keep
+        self.warn = warn or (lambda message: None)
+        self._good: set[tuple[str, int, int]] = set()  # (name, size, mtime) of files verified by this process
 
     @property
     def last(self) -> str:
@@ -206,20 +212,59 @@ class Store:
         return stale
 
     def save(self, state: dict, step: int) -> str:
-        """Write ``state`` as the newest checkpoint; drop all but the last ``keep``. -> its path."""
+        """Write ``state`` as the newest checkpoint; keep it and the ``keep - 1`` newest older files that
+        verify (a damaged one is moved aside, not counted); delete the rest. -> its path."""
         name = f"checkpoint_step{step:08d}.pt"
         path = os.path.join(self.folder, name)
         sha256, size = save_atomic(state, path)
         self._link_last(path)
+        self._remember(name)
         kept = [{"file": name, "step": step, "sha256": sha256, "bytes": size}]
-        kept += [e for e in _read_manifest(self.folder) if e["file"] != name][: self.keep - 1]
-        atomic_write(os.path.join(self.folder, MANIFEST),
-                     lambda stream: stream.write(json.dumps({"checkpoints": kept}, indent=1).encode()))
+        for entry in _read_manifest(self.folder):
+            if len(kept) == self.keep:
+                break
+            if entry["file"] != name and self._verifies(entry):
+                kept.append(entry)
+        self._write_manifest(kept)
         names = {e["file"] for e in kept}
         for other in os.listdir(self.folder):
             if STEP_FILE.match(other) and other not in names:
                 os.unlink(os.path.join(self.folder, other))
         return path
+
+    def _verifies(self, entry: dict) -> bool:
+        """Whether a manifest entry's file is whole (its SHA-256, read once per process); a damaged one
+        is moved aside."""
+        path = os.path.join(self.folder, entry["file"])
+        if not os.path.exists(path):
+            return False
+        if self._key(entry["file"]) in self._good:
+            return True
+        if file_sha256(path) == entry["sha256"]:
+            self._remember(entry["file"])
+            return True
+        self._move_aside(path, f"checkpoint {path} is damaged: its content does not match the SHA-256 "
+                               f"recorded in {MANIFEST} when it was written")
+        return False
+
+    def _move_aside(self, path: str, reason: str, warn: Optional[Callable[[str], None]] = None) -> None:
+        warn = warn or self.warn
+        try:
+            os.replace(path, path + DAMAGED)
+            warn(f"{reason}; moved aside to {path + DAMAGED} (never counted as a kept checkpoint)")
+        except OSError as error:
+            warn(f"{reason}; could not move it aside ({error})")
+
+    def _key(self, name: str) -> tuple[str, int, int]:
+        info = os.stat(os.path.join(self.folder, name))
+        return name, info.st_size, info.st_mtime_ns
+
+    def _remember(self, name: str) -> None:
+        self._good.add(self._key(name))
+
+    def _write_manifest(self, entries: list[dict]) -> None:
+        atomic_write(os.path.join(self.folder, MANIFEST),
+                     lambda stream: stream.write(json.dumps({"checkpoints": entries}, indent=1).encode()))
 
     def _link_last(self, path: str) -> None:
         """``checkpoint_last.pt`` -> ``path``, atomically: a hard link where the filesystem has them, else a copy."""
@@ -243,25 +288,41 @@ class Store:
             paths = [(self.last, None)]
         return paths
 
-    def load_latest(self, warn: Callable[[str], None]) -> tuple[Optional[str], Optional[dict]]:
+    def load_latest(self, warn: Optional[Callable[[str], None]] = None) -> tuple[Optional[str], Optional[dict]]:
         """The newest checkpoint that verifies and loads -> (path, state); (None, None) if there is none.
 
-        A damaged newer file is reported through ``warn`` and skipped; if every file is damaged, the
-        error of the newest is raised (nothing would be resumed, and starting over silently would lose the run).
+        Damaged newer files are moved aside (``*.damaged``, one warning each through ``warn``, default the
+        store's) and ``checkpoint_last.pt`` is pointed at the file resumed from. If every file is damaged,
+        the error of the newest is raised and nothing is moved (starting over silently would lose the run).
         """
+        warn = warn or self.warn
         errors = []
         for path, sha256 in self.candidates():
             try:
                 state = load(path, sha256) if sha256 else load(path)
             except CheckpointError as error:
-                errors.append(error)
-                warn(f"{error}; trying the previous checkpoint")
+                errors.append((path, error))
                 continue
+            self._set_aside(errors, path, warn)
             return path, state
         if errors:
-            raise CheckpointError(f"no usable checkpoint in {self.folder}: {errors[0]} "
+            raise CheckpointError(f"no usable checkpoint in {self.folder}: {errors[0][1]} "
                                   "(use --resume=none to start over)")
         return None, None
+
+    def _set_aside(self, damaged: list, good: str, warn: Callable[[str], None]) -> None:
+        """After resuming from ``good``: move the damaged newer files aside, drop them from the manifest and
+        point ``checkpoint_last.pt`` at ``good``, so no later save or tool counts or reads them."""
+        if os.path.basename(good) != LAST:
+            self._remember(os.path.basename(good))
+        if not damaged:
+            return
+        for path, error in damaged:
+            self._move_aside(path, f"{error}; resuming from {good}", warn)
+        names = {os.path.basename(path) for path, _ in damaged}
+        self._write_manifest([e for e in _read_manifest(self.folder) if e["file"] not in names])
+        if os.path.basename(good) != LAST:
+            self._link_last(good)
 
 
 def _default(key: str):

@@ -206,9 +206,11 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
-def fail(prog: str, error: BaseException) -> int:
-    """Print ``prog: error: <one line>`` on stderr; the exit code for a bad input (2)."""
-    print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+def fail(prog: str, error: BaseException, quiet: bool = False) -> int:
+    """Print ``prog: error: <one line>`` on stderr (not when ``quiet``: another rank says it); the exit code
+    for a bad input (2)."""
+    if not quiet:
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
     return 2
 
 

@@ -119,6 +119,19 @@ def shutdown(*objects_to_drop) -> None:
     _CPU_GROUP = None
 
 
+def abandon() -> None:
+    """Leave the process group after a failure, without the barrier of :func:`shutdown`: the other ranks may
+    be dead or waiting in a collective that never completes. A no-op without a group."""
+    global _CPU_GROUP
+    _CPU_GROUP = None
+    if not is_distributed():
+        return
+    try:  # no barrier, no wait on pending work (experimental in torch: NCCL first, gloo too here)
+        torch.distributed.distributed_c10d._abort_process_group()
+    except (RuntimeError, ValueError, AttributeError):
+        torch.distributed.destroy_process_group()
+
+
 def broadcast_object(obj, src: int = 0):
     """Rank ``src``'s ``obj`` (any picklable value) on every rank; ``obj`` itself without a group."""
     if get_world_size() == 1:

@@ -176,6 +176,21 @@ class RunLog:
         if self.bar is not None and "img_per_s" in record:
             self._progress(record)
 
+    def record_failure(self, record: dict) -> None:
+        """How a run ended on an exception, from any rank: rank 0 writes it as every record, another rank
+        appends its one line to the same log.jsonl (so a crash on rank 3 is in the log, not only on its
+        stderr). Nothing is written for a run that failed while starting (see ``hold``)."""
+        if not self.started:
+            return
+        if self.enabled:
+            self.write(record)
+            return
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps({"time": round(time.time(), 3), **record}, default=str) + "\n")
+        except OSError:
+            pass  # the traceback on this rank's stderr still says it
+
     def _flush(self) -> None:
         if self.file is None:
             self.file = open(self.path, "a", encoding="utf-8")

@@ -9,6 +9,7 @@ import datetime
 import faulthandler
 import sys
 import time
+import traceback
 from typing import Optional
 
 import torch
@@ -51,7 +52,7 @@ def find_resume(cfg: Config, store: checkpoint.Store, log: RunLog) -> tuple[Opti
     if dist.get_rank() == 0:
         try:
             if cfg.resume == "auto":
-                path, state = store.load_latest(lambda message: log.write({"warning": message}))
+                path, state = store.load_latest()
             elif cfg.resume != "none":
                 path, state = cfg.resume, checkpoint.load(cfg.resume)
         except checkpoint.CheckpointError as failure:
@@ -174,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                "out_dir_note": out_dir_note})
     if cfg.backend == "dali" and device.type != "cuda":
         log.write({"warning": "backend dali without a GPU: DALI decodes on the CPU here (as --backend=dali-cpu)"})
-    store = checkpoint.Store(cfg.out_dir, keep=cfg.keep_checkpoints)
+    store = checkpoint.Store(cfg.out_dir, keep=cfg.keep_checkpoints, warn=lambda text: log.write({"warning": text}))
     if info.rank == 0:
         for path in store.remove_stale():
             log.write({"warning": f"removed {path}, a partial checkpoint left by a process that was killed"})
@@ -212,11 +213,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not weights_finite(run.encoder_q):  # on every rank: DDP keeps them equal, and all must stop
             raise Diverged(f"the weights are not finite after step {loop_state.step}: training diverged")
         if info.rank == 0:
-            try:
-                path = store.save(checkpoint_state(cfg, run, loop_state, steps_per_epoch, data), loop_state.step)
-            except checkpoint.CheckpointError as error:
-                log.write({"error": str(error)})
-                raise
+            path = store.save(checkpoint_state(cfg, run, loop_state, steps_per_epoch, data), loop_state.step)
             log.write({"checkpoint": path, "step": loop_state.step})
 
     def epoch_end(loop_state: LoopState) -> None:
@@ -225,7 +222,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             log.write({"epoch": loop_state.epoch, "step": loop_state.step, **knn(cfg, run, info)})
 
     log.start_progress(stop_step, state.step)
-    began = time.perf_counter()
+    began, first_step = time.perf_counter(), state.step
     try:
         state = train(run, loader, state, log.write, save, epoch_end)
     except Diverged as error:
@@ -236,6 +233,13 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"maskco.train: error: {message}", file=sys.stderr)
         _finish(run, log)
         return EXIT_DIVERGED
+    except BaseException as error:  # a crash, or a second Ctrl-C: into the log with its step, then up to cli()
+        if state.step > first_step or not isinstance(error, KNOWN_ERRORS):  # bad input at once: as if at start
+            log.record_failure(failure_record(error, state.step, info.rank))
+        error.during_training = True  # this rank's own: said by this rank (cli)
+        raise
+    finally:
+        loader.close()  # its workers end now, whatever happened (pipelines.close_all is the backstop)
     done = state.step >= stop_step and not state.stop_signal
     exported = None
     if done and cfg.export and info.rank == 0:
@@ -255,6 +259,21 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 EXIT_DIVERGED = 3  # the loss or the weights stopped being finite (README: exit codes)
+EXIT_CRASH = 1  # an unexpected exception, as Python itself exits on one
+EXIT_SIGINT = 130  # a second Ctrl-C: given up at once, without a checkpoint of this step
+# bad input or a bad checkpoint: one line, exit 2, no traceback
+KNOWN_ERRORS = (DataError, checkpoint.CheckpointError, ConfigError, ImportError)
+
+
+def failure_record(error: BaseException, step: int, rank: int) -> dict:
+    """The log record of a run that ended on an exception after ``step`` steps: one line for a known
+    error type, the traceback for anything else."""
+    if isinstance(error, KeyboardInterrupt):
+        return {"interrupted": "SIGINT", "step": step, "rank": rank,
+                "hint": "a second Ctrl-C gives up at once: run the same command again to resume"}
+    text = grammar.one_line(error) if isinstance(error, KNOWN_ERRORS) else \
+        "".join(traceback.format_exception(error)).rstrip()
+    return {"error": text, "type": type(error).__name__, "step": step, "rank": rank}
 
 
 def _finish(run: Run, log: RunLog) -> None:
@@ -277,13 +296,27 @@ def knn(cfg: Config, run: Run, info) -> dict:
 
 
 def cli() -> int:
-    """``main`` for the command line: a bad input is one clear line on stderr, not a traceback.
-    faulthandler: a SIGSEGV / SIGBUS (a memory-mapped data file truncated in place) leaves a stack trace."""
+    """``main`` for the command line -> the exit code. A bad input is one clear line on stderr (2), any
+    other exception its traceback, once (1); a second Ctrl-C is 130. The process group is left without
+    waiting for the other ranks (they may be dead or stuck in a collective); the loaders' workers end at
+    exit (``pipelines.close_all``). faulthandler: a SIGSEGV / SIGBUS (a memory-mapped data file
+    truncated in place) leaves a stack trace."""
     faulthandler.enable()
     try:
         return main()
-    except (DataError, checkpoint.CheckpointError, ConfigError, ImportError) as error:
-        return grammar.fail("maskco.train", error)
+    except KNOWN_ERRORS as error:
+        # one that stopped the run before training is the same on every rank (config, data, checkpoint): once a node
+        same_everywhere = not getattr(error, "during_training", False)
+        code = grammar.fail("maskco.train", error, quiet=same_everywhere and os.environ.get("LOCAL_RANK", "0") != "0")
+    except KeyboardInterrupt:
+        print("maskco.train: interrupted by a second Ctrl-C; run the same command again to resume from the last "
+              "checkpoint", file=sys.stderr)
+        code = EXIT_SIGINT
+    except Exception:
+        traceback.print_exc()
+        code = EXIT_CRASH
+    dist.abandon()
+    return code
 
 
 if __name__ == "__main__":

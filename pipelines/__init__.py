@@ -12,14 +12,18 @@ that step, seeing the same samples the uninterrupted run would have seen next.
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
 import signal
+import sys
+import weakref
 from dataclasses import dataclass, fields
 from typing import Iterator, Optional, Protocol, runtime_checkable
 
 import numpy
 import torch
+import torch.utils.data  # noqa: F401  (imported before close_all is registered: see there)
 
 from pipelines.sources import DataError  # noqa: F401  (re-exported: the one error type for bad data)
 
@@ -144,7 +148,7 @@ def build_loader(
         hint = INSTALL_HINTS.get(backend, "")
         raise ImportError(f"data backend {backend!r} is not available ({error}); {hint}") from error
     build = getattr(module, function_name)
-    return build(
+    return track(build(
         source,
         batch_size=batch_size,
         image_size=image_size,
@@ -157,7 +161,36 @@ def build_loader(
         crop_ratio=tuple(crop_ratio),
         flip_prob=flip_prob,
         **backend_options,
-    )
+    ))
+
+
+# Every loader not yet garbage-collected, closed when the interpreter exits (close_all).
+_LIVE: "weakref.WeakSet[Loader]" = weakref.WeakSet()
+
+
+def track(loader: Loader) -> Loader:
+    """Close ``loader`` at interpreter exit if nobody did (returns it). build_loader tracks every loader."""
+    _LIVE.add(loader)
+    return loader
+
+
+def close_all() -> None:
+    """Close every live loader: run at interpreter exit, after an unhandled exception or sys.exit too.
+
+    Loader workers ignore SIGTERM (:func:`ignore_stop_signals`), so multiprocessing's own exit handler,
+    which sends SIGTERM to its daemon children and then joins them without a timeout, would wait forever
+    for a worker that nobody closed (a script that forgot ``close()``, a crash mid-epoch). Registered
+    after ``multiprocessing.util`` and ``torch.utils.data`` (imported above), so it runs before both of
+    their exit handlers (atexit runs last-registered first), while the workers can still be shut down.
+    """
+    for loader in list(_LIVE):
+        try:
+            loader.close()
+        except Exception as error:  # one loader's failure must not keep the others' workers alive
+            print(f"pipelines: closing {type(loader).__name__} at exit failed: {error}", file=sys.stderr)
+
+
+atexit.register(close_all)
 
 
 def epoch_shard(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
@@ -178,10 +211,11 @@ def epoch_shard(num_samples: int, batch_size: int, rank: int, world_size: int, s
 def ignore_stop_signals(worker_id: int = 0) -> None:
     """In a loader's worker process: ignore SIGINT and SIGTERM (``DataLoader(worker_init_fn=...)``).
 
-    torchrun, SLURM and ``timeout`` signal the whole process group; a worker that died of it would
-    take the trainer down (PyTorch's SIGCHLD handler raises) before it could write its checkpoint.
-    The main process decides when to stop; it ends its workers itself, and a worker whose parent is
-    gone exits on its own (DataLoader's watchdog).
+    torchrun, SLURM and ``timeout`` signal the whole process group (SLURM every process of the job
+    step); a worker that died of it would take the trainer down (PyTorch's SIGCHLD handler raises)
+    before it could write its checkpoint. The main process decides when to stop and ends its workers
+    itself: ``close()``, which kills a worker that does not finish in time, and :func:`close_all` at
+    exit. A worker whose parent is gone (killed) exits on its own within 5 s (DataLoader's watchdog).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)

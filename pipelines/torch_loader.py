@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from pipelines import (CROP_RATIO, CROP_SCALE, Batch, check_common_args, check_position, default_workers,
-                       epoch_shard, ignore_stop_signals)
+                       epoch_shard, ignore_stop_signals, track)
 from pipelines.sources import UNREADABLE, DataError, ImageList, fingerprint, list_images
 
 MAX_ATTEMPTS = 32  # replacement tries before concluding the source is mostly unreadable
@@ -87,6 +87,7 @@ class TorchLoader:
         self.skipped = 0
         self.skipped_paths: list[tuple[str, str]] = []
         self._warned: set[str] = set()
+        track(self)  # closed at exit if nobody did: its workers would keep the interpreter from exiting
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -123,7 +124,8 @@ class TorchLoader:
         iterating again starts new ones. Uses DataLoader's private iterator: there is no public way."""
         iterator, self.loader._iterator = self.loader._iterator, None
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+            iterator._shutdown_workers()  # asks each worker to finish, joins each for up to 5 s
+            _kill_left_over(iterator)
 
     def _count_failures(self, failures: list[tuple[str, str]]) -> None:
         self.skipped += len(failures)
@@ -135,6 +137,22 @@ class TorchLoader:
                 self.skipped_paths.append((path, reason))
             warnings.warn(f"skipping unreadable image {path} ({reason}); replaced by another image "
                           "(strict_data=True stops instead)", stacklevel=2)
+
+
+def _kill_left_over(iterator) -> None:
+    """SIGKILL the workers still alive after DataLoader's shutdown: one stuck in a read, or all of them
+    when the shutdown was a no-op (it does nothing once torch's exit flag is set). They ignore SIGTERM
+    (``ignore_stop_signals``), which is what DataLoader's and multiprocessing's own fallbacks send."""
+    workers = [w for w in getattr(iterator, "_workers", []) if w.is_alive()]
+    if not workers:
+        return
+    if getattr(iterator, "_worker_pids_set", False):  # a death we cause is not a worker failure
+        torch.utils.data._utils.signal_handling._remove_worker_pids(id(iterator))
+        iterator._worker_pids_set = False
+    for worker in workers:
+        worker.kill()
+    for worker in workers:
+        worker.join(timeout=5)
 
 
 class ResumableBatchSampler:

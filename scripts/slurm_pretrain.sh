@@ -15,7 +15,8 @@
 # MASKCO_RESTARTS times (default 3), resuming from the last checkpoint.
 #
 # Exit codes: 0 finished; 75 stopped at a checkpoint and requeued (preempted or out of time, not an
-# error); anything else is the trainer's or torchrun's failure (2: bad input, 3: training diverged).
+# error); anything else is the trainer's failure, as one process exits (2: bad input, 3: training
+# diverged, 1: a crash, 128 + N: a rank killed by signal N; see maskco/launch.py).
 # Logs: one file per node, logs/<job name>-<job id>-node<N>.out beside the repository's runs/.
 #SBATCH --job-name=maskco
 #SBATCH --nodes=2
@@ -41,7 +42,7 @@ REPO=${MASKCO_REPO:-}
 for candidate in "$SCRIPT_REPO" "$SUBMIT_DIR"; do
   if [ -z "$REPO" ] && [ -d "$candidate/maskco" ]; then REPO=$candidate; fi
 done
-if [ -z "$REPO" ] || [ ! -x "$REPO/.venv/bin/torchrun" ]; then
+if [ -z "$REPO" ] || [ ! -x "$REPO/.venv/bin/python" ]; then
   echo "slurm_pretrain.sh: no MaskCo checkout with a .venv found (tried ${MASKCO_REPO:-} $SCRIPT_REPO $SUBMIT_DIR);" \
        "run sbatch from the repository after 'make venv', or set MASKCO_REPO" >&2
   exit 2
@@ -76,8 +77,9 @@ trap 'requeue "preempted (SIGTERM)"' TERM
 
 # srun runs in the background so that this shell can take SLURM's signal (bash runs a trap only
 # between commands; `wait` returns at once when a trapped signal arrives).
+# maskco.launch is torchrun (same options) that exits with the failed rank's code, not always 1
 srun --kill-on-bad-exit=1 --output="$REPO/logs/%x-%j-node%n.out" \
-  "$REPO/.venv/bin/torchrun" \
+  "$REPO/.venv/bin/python" -m maskco.launch \
   --nnodes="$NODES" --nproc_per_node="$GPUS_PER_NODE" --max-restarts="${MASKCO_RESTARTS:-3}" \
   --rdzv_backend=c10d --rdzv_endpoint="$HEAD_NODE:$PORT" --rdzv_id="$JOB_ID" \
   -m maskco.train "$CONFIG" --data="$DATA" "$@" &

@@ -355,7 +355,8 @@ def test_slurm_script_keeps_the_preset_when_the_second_argument_is_an_override(t
     assert tail == ["r50_imagenet_200ep", f"--data={tmp_path}/data/train", "--epochs=100"]
     assert f"--rdzv_endpoint=node-a:{20000 + 123456 % 20000}" in args
     assert any(a.startswith("--output=") and "node%n" in a for a in args)
-    assert args[args.index("--kill-on-bad-exit=1") + 2] == os.path.join(ROOT, ".venv/bin/torchrun")
+    launcher = args.index("--kill-on-bad-exit=1") + 2
+    assert args[launcher:launcher + 3] == [os.path.join(ROOT, ".venv/bin/python"), "-m", "maskco.launch"]
     assert (tmp_path / "srun.cwd").read_text().strip() == ROOT  # runs from the repository, submitted elsewhere
 
 

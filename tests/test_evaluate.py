@@ -1,4 +1,5 @@
 """maskco.evaluate: multi-layer features, linear heads (only they train), kNN, and the two CLIs on sample data."""
+import glob
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from maskco.augment import normalize
+from maskco.checkpoint import file_sha256
 from maskco.evaluate import knn, linear, linear_augment
 from maskco.evaluate.features import MultiLayerFeatures, source_classes
 
@@ -379,6 +381,46 @@ def test_linear_refuses_resume_with_other_class_count(sample_root, tmp_path):
     torch.save({**stale, "format": "maskco-linear-v1", "dims": {"res5": 512}}, tmp_path / "old.pt")
     with pytest.raises(ValueError, match="BatchNorm1d"):
         linear.resume_state(str(tmp_path / "old.pt"), 1000, shapes, "lastlayer")
+
+
+@pytest.fixture
+def two_backbones(tmp_path) -> list[str]:
+    """Two exported torchvision ResNet-18 backbones with different weights, in one run folder."""
+    paths = []
+    os.makedirs(tmp_path / "pretrain")
+    for seed in (0, 1):
+        paths.append(str(tmp_path / "pretrain" / f"backbone{seed}.pth"))
+        torch.save(resnet("resnet18", seed).state_dict(), paths[-1])
+    return paths
+
+
+def _on(checkpoint_path: str, train: str, *extra: str) -> list[str]:
+    args = linear_args(train, train, "-", "--epochs", "1", "--protocol", "lastlayer", *extra)
+    args[:3] = ["--checkpoint", checkpoint_path]  # instead of --random-init --arch resnet18
+    return [a for a in args if a not in ("--out-dir", "-")]
+
+
+def test_linear_refuses_to_resume_the_heads_of_another_checkpoint(sample_root, tmp_path, two_backbones):
+    first, second = two_backbones
+    linear.main([*_on(first, sample_root), "--out-dir", str(tmp_path / "same")])
+    with pytest.raises(ValueError, match="another evaluation.*sha256"):
+        linear.main([*_on(second, sample_root), "--out-dir", str(tmp_path / "same")])
+
+
+def test_linear_default_out_dir_is_one_per_checkpoint(sample_root, tmp_path, two_backbones, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for path in two_backbones:
+        linear.main(_on(path, sample_root))
+    results = [json.load(open(path)) for path in glob.glob("runs/linear/*/results.json")]
+    assert sorted(r["identity"]["sha256"] for r in results) == sorted(map(file_sha256, two_backbones))
+    assert sorted(r["checkpoint"] for r in results) == sorted(two_backbones)
+
+
+@pytest.mark.parametrize("option, value", [("--lr", "-0.1"), ("--lr", "nan"), ("--weight-decay", "-1"),
+                                           ("--momentum", "1.0")])
+def test_linear_refuses_values_that_make_no_sense(option, value):
+    with pytest.raises(SystemExit):
+        linear.parse_args([*CLI_BASE, option, value])
 
 
 def test_linear_refuses_unlabelled_data(sample_root, tmp_path):

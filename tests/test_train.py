@@ -67,6 +67,22 @@ def test_bad_values_are_errors(tmp_path):
         load_preset(str(preset))
 
 
+def test_every_config_key_has_a_value_rule():
+    from maskco.config import RULES
+
+    assert sorted(RULES) == sorted(valid_keys())
+
+
+@pytest.mark.parametrize("override", ["--base_lr=-1", "--base_lr=nan", "--base_lr=.inf", "--min_lr=-0.1",
+                                      "--weight_decay=-1e-4", "--sgd_momentum=1.0", "--temperature=nan",
+                                      "--warmup_epochs=-1", "--flip_prob=1.5", "--crop_scale=[0, 1]",
+                                      "--jitter=[0.4, 0.4, 0.4, 0.9]", "--workers=-2", "--mph_width=66"])
+def test_values_that_make_no_sense_are_refused_before_work_starts(override, capsys):
+    assert main([*TINY, override]) == 2
+    error = capsys.readouterr().err
+    assert override[2:].split("=")[0] in error and "\n" not in error.strip()
+
+
 def test_main_reports_config_errors_without_traceback(capsys):
     assert main(["--no_such_key=1"]) == 2
     assert "unknown config key 'no_such_key'" in capsys.readouterr().err

@@ -165,8 +165,12 @@ def knn_monitor(backbone: nn.Module, train_source: str, val_source: str, image_s
     loaders = [pipelines.build_loader(backend, source, batch_size=batch_size, image_size=image_size, device=device,
                                       rank=rank, world_size=world_size, workers=workers, eval_mode=True)
                for source in (train_source, val_source)]
-    return knn_accuracy(backbone, *loaders, device, k, temperature, precision, distributed=world_size > 1,
-                        also=also)
+    try:
+        return knn_accuracy(backbone, *loaders, device, k, temperature, precision, distributed=world_size > 1,
+                            also=also)
+    finally:  # the trainer calls this every few epochs: its workers must not outlive the call
+        for loader in loaders:
+            loader.close()
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,7 +22,9 @@ backend's ``eval_mode``), normalisation only. The backbone runs in eval mode
 under ``no_grad``: only the heads train. Under torchrun the heads are DDP-wrapped, their BatchNorm is
 synchronised on GPUs (so per-GPU batches of 32 do not make the statistics noisier than the protocol's
 256), and the validation counts are summed over ranks. The heads checkpoint to ``out_dir/linear_last.pt`` after
-every epoch and a rerun resumes from it (``--resume none`` starts over); logs are JSON lines.
+every epoch with the identity of what they evaluate (the backbone's SHA-256, the splits, the protocol settings:
+:func:`identity`); a rerun resumes from it only when that matches, and refuses otherwise (``--resume none``
+starts over). The default ``out_dir`` is one per checkpoint and protocol. Logs are JSON lines.
 """
 from __future__ import annotations
 
@@ -212,7 +214,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
     parser.add_argument("--log-every", type=int, default=100, help="log the losses every N steps (0: per epoch only)")
-    parser.add_argument("--out-dir", default="runs/linear")
+    parser.add_argument("--out-dir", help="default: runs/linear/<checkpoint's folder>-<its name>-<its SHA-256, "
+                                          "8 digits>-<protocol>, one per backbone and protocol")
     parser.add_argument("--resume", default="auto", help="auto (out_dir/linear_last.pt if present), none, or a path")
     args = parser.parse_args(argv)
     if args.random_init and not args.arch:
@@ -223,6 +226,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name in ("epochs", "batch_size", "image_size", "eval_every"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    for name, ok, must in (("lr", args.lr > 0, "> 0"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
+                           ("momentum", 0 <= args.momentum < 1, "in [0, 1)"),
+                           ("log_every", args.log_every >= 0, ">= 0"), ("seed", args.seed >= 0, ">= 0")):
+        if not (math.isfinite(getattr(args, name)) and ok):
+            parser.error(f"--{name.replace('_', '-')} must be finite and {must}, got {getattr(args, name)}")
+    if any(m < 1 for m in args.milestones):
+        parser.error(f"--milestones must be epochs >= 1, got {args.milestones}")
     if args.nesterov and args.momentum <= 0:
         parser.error("--nesterov needs --momentum > 0 (or pass --no-nesterov)")
     return args
@@ -242,8 +252,47 @@ def class_count(args: argparse.Namespace) -> int:
     return found if found is not None else args.num_classes
 
 
-def resume_state(path: str, num_classes: int, shapes: dict[str, list[int]], protocol: str) -> dict:
-    """Load a heads checkpoint and refuse one trained for other classes, stages or feature shapes."""
+# the settings that make two runs' heads different things (the epoch count is not: a rerun may extend it)
+PROTOCOL_KEYS = ("protocol", "pooling", "image_size", "lr", "milestones", "momentum", "nesterov", "weight_decay",
+                 "batch_size", "color_jitter", "lighting", "backend")
+
+
+def identity(args: argparse.Namespace) -> dict:
+    """What the heads evaluate: the backbone (the checkpoint's SHA-256, with its path and size for the
+    reader, or a random init and its seed), the arch, the splits and the protocol settings. Stored with
+    the heads and in results.json; a resume must match it (:func:`resume_state`)."""
+    if args.checkpoint:
+        if not os.path.isfile(args.checkpoint):
+            raise ValueError(f"checkpoint {args.checkpoint} does not exist")
+        backbone = {"checkpoint": os.path.abspath(args.checkpoint), "bytes": os.path.getsize(args.checkpoint),
+                    "sha256": checkpoint.file_sha256(args.checkpoint)}
+    else:
+        backbone = {"checkpoint": None, "random_init_seed": args.seed}
+    return {**backbone, "arch": args.arch, "train": os.path.abspath(args.train), "val": os.path.abspath(args.val),
+            **{key: getattr(args, key) for key in PROTOCOL_KEYS}}
+
+
+def default_out_dir(args: argparse.Namespace, ident: dict) -> str:
+    """One folder per backbone and protocol, so a rerun on another checkpoint never resumes these heads."""
+    if ident["checkpoint"]:
+        folder = os.path.basename(os.path.dirname(ident["checkpoint"]))
+        name = f"{folder}-{os.path.splitext(os.path.basename(ident['checkpoint']))[0]}-{ident['sha256'][:8]}"
+    else:
+        name = f"random-{args.arch}-seed{args.seed}"
+    return os.path.join("runs", "linear", f"{name}-{args.protocol}")
+
+
+def _differences(stored: dict | None, ident: dict) -> list[str]:
+    if stored is None:
+        return ["no record of the backbone it evaluated (written by an older version)"]
+    return [f"{key}: heads {stored.get(key)!r} vs this run {ident.get(key)!r}" for key in ident
+            if key not in ("checkpoint", "bytes") and stored.get(key) != ident.get(key)]
+
+
+def resume_state(path: str, num_classes: int, shapes: dict[str, list[int]], protocol: str,
+                 ident: dict | None = None) -> dict:
+    """Load a heads checkpoint and refuse one trained for other classes, stages or feature shapes, or (with
+    ``ident``) for another backbone, split or protocol setting: its accuracy would be reported as this one's."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated or foreign file
@@ -260,11 +309,18 @@ def resume_state(path: str, num_classes: int, shapes: dict[str, list[int]], prot
         raise ValueError(f"linear checkpoint {path} is for protocol {state['protocol']} with feature shapes "
                          f"{state['shapes']}, this run is {protocol} with {shapes}; use another --out-dir or "
                          "--resume none")
+    differences = _differences(state.get("identity"), ident) if ident is not None else []
+    if differences:
+        raise ValueError(f"linear checkpoint {path} holds heads of another evaluation ({'; '.join(differences)}); "
+                         "resuming would report their accuracy as this backbone's: use --resume none to start "
+                         "over, or another --out-dir (the default is one per checkpoint and protocol)")
     return state
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    ident = identity(args)
+    args.out_dir = args.out_dir or default_out_dir(args, ident)
     # ---- distributed + device
     info = dist.init_distributed(None if args.device == "auto" else args.device)
     device, world_size = info.device, info.world_size
@@ -312,7 +368,7 @@ def main(argv: list[str] | None = None) -> dict:
         None if args.resume == "none" else args.resume)
     start = 0
     if resume:
-        state = resume_state(resume, num_classes, shapes, args.protocol)
+        state = resume_state(resume, num_classes, shapes, args.protocol, ident)
         unwrap(heads).load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"]
@@ -339,15 +395,18 @@ def main(argv: list[str] | None = None) -> dict:
         if info.rank == 0:
             checkpoint.save_atomic({"format": FORMAT, "epoch": epoch + 1, "protocol": args.protocol, "shapes": shapes,
                                     "num_classes": num_classes, "heads": unwrap(heads).state_dict(),
-                                    "optimizer": optimizer.state_dict(), "args": vars(args)}, last)
+                                    "optimizer": optimizer.state_dict(), "args": vars(args),
+                                    "identity": ident}, last)
     if not result:  # resumed after the last epoch: validate the finished heads once more
         result = evaluate(features, heads, val_loader, device, num_classes)
         log.write({"epoch": start, **flat_accuracies(result)})
     if info.rank == 0:
         with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as handle:
             json.dump({"checkpoint": args.checkpoint or f"random init ({args.arch})", "protocol": args.protocol,
-                       "epochs": args.epochs, **result}, handle, indent=1)
+                       "epochs": args.epochs, "identity": ident, **result}, handle, indent=1)
     log.close()
+    for loader in (train_loader, val_loader):
+        loader.close()
     del heads, optimizer
     dist.shutdown()
     return result
