@@ -72,11 +72,12 @@ class Sizes:
 
 
 DEVICE = Sizes()
-REHEARSAL = Sizes(  # CPU stand-ins: ResNet-18 at 64 px, a few steps; eager where CUDA graphs mean nothing,
-    small=4, large=8, images=96, data_procs=2, threads=2,  # aot_eager for the compiled mode, DALI's CPU mode
-    model=("--config=cpu_demo", "--arch=resnet18", "--image-size=64"), steps=("--steps=1", "--repeats=1", "--batches=2"),
-    steps_large=("--steps=1", "--repeats=1", "--batches=2"), modes="eager,compiled", e2e_mode="eager",
-    compile_sets=(("steps", "compiled"),), compile_backend="aot_eager",
+REHEARSAL = Sizes(  # CPU stand-ins: ResNet-18 at 64 px with the CPU demo's heads, a step or two, eager where
+    # CUDA graphs mean nothing, dynamo alone (backend "eager") for the compiled mode, DALI's CPU mode
+    small=4, large=8, images=96, data_procs=2, threads=2,
+    model=("--config=cpu_demo", "--arch=resnet18", "--image-size=64"),
+    steps=("--steps=1", "--repeats=1", "--batches=2"), steps_large=("--steps=1", "--repeats=1", "--batches=2"),
+    modes="eager,compiled", e2e_mode="eager", compile_sets=(("steps", "compiled"),), compile_backend="eager",
     pretrain=("--max_steps=3", "--log_every=1", "--arch=resnet18", "--image_size=64", "--box_min_size=8",
               "--batch_size=8", "--compile=false", "--device=cpu"),
     dali="dali-cpu", tests=("tests/test_roi.py", "tests/test_loss.py"), dali_tests=())
@@ -118,11 +119,11 @@ def plan(rehearse: bool, py: str) -> list[Stage]:
                                         f"--out_dir={STATE}/pretrain", "--json"]]),
         # ---- call 2: DALI (carried as parts, see scripts/gpu_wheels.py), then what call 1 left
         Stage("dali", 2, 40, "join, check and unpack the carried parts; import DALI",
-              [[*wheels, "check", ".whl", "--install", f"--image={data}/s0"] if rehearse else
+              [[*wheels, "rehearse", ".whl", f"--images={data}"] if rehearse else
                [*wheels, "unpack", ".whl", f"--target={DALI_SITE}"]]),
         Stage("bench128", 2, 90, f"step at {s.large} in {s.modes}, e2e torch and DALI (cached when the machine "
               "stayed warm)", [at(s.large, f"--backend=torch,{s.dali}", f"--modes={s.modes}", "--hw-decoder-load=0.9",
-                                  f"--e2e-mode={s.e2e_mode}", f"--skip={quiet}", *s.steps_large)]),
+                                  f"--e2e-mode={s.e2e_mode}", f"--skip={quiet},variants", *s.steps_large)]),
         Stage("dali32", 2, 45, f"DALI's two views at {s.small} with 90 % of JPEGs on the hardware decoder, then "
               "e2e (the graph-captured step at 32 is cached from call 1)",
               [at(s.small, f"--backend={s.dali}", f"--modes={s.e2e_mode}", f"--skip={quiet},step",
@@ -197,7 +198,7 @@ def describe(row: dict) -> str:
                 f"{row['rows']} rows" + (f"; stopped after: {row['stopped_after']}" if row.get("stopped_after")
                                          else ""))
     keys = [k for k in row if k not in ("stage", "figure", "name")][:6]
-    return f"{figure} {name} " + ", ".join(f"{k}={row[k]}" for k in keys)
+    return f"{figure} {name} " + ", ".join(f"{k}={str(row[k])[:60]}" for k in keys)
 
 
 # ---- stages
@@ -301,7 +302,9 @@ def child_env(call: int, rehearse: bool, commit: str) -> dict:
                                                   if p and p not in path]),
                PYTHONUNBUFFERED="1", MASKCO_COMMIT=commit, TORCHINDUCTOR_FX_GRAPH_CACHE="1",
                TORCHINDUCTOR_AUTOGRAD_CACHE="1")
-    if not rehearse:  # the rehearsal leaves this machine's cache where it is
+    if rehearse:  # a small shared CPU: one intra-op thread each (two spinning on a busy core run 3x slower)
+        env.update(OMP_NUM_THREADS="1")
+    else:  # the rehearsal leaves this machine's cache where it is
         env["TORCHINDUCTOR_CACHE_DIR"] = CACHE
     return env
 
@@ -370,7 +373,8 @@ def _batch(row: dict):
 
 def goals(rows: list[dict]) -> list[str]:
     """The issue's GPU targets (benchmarks, not tests), from this call's rows, where it has them."""
-    get = {(r["stage"], r["figure"], r["name"]): r["img_per_s"] for r in rows if "img_per_s" in r}
+    get = {(r["stage"], r["figure"], r.get("name", "")): r["img_per_s"] for r in rows
+           if "img_per_s" in r and r.get("figure") != "train"}
     out = []
     best = max((v for (st, f, n), v in get.items() if st == "bench32" and f == "step" and n.startswith("ready+maskco")),
                default=None)

@@ -5,6 +5,7 @@ packed in the fewest parts that a device call can carry (64 MiB per call, the wo
     python3 scripts/gpu_wheels.py pack --installed --out DIR                              (this Python's DALI)
     python3 scripts/gpu_wheels.py unpack .whl --target /tmp/site                          (on the GPU machine)
     python3 scripts/gpu_wheels.py check .whl [--install]     sizes, count, reassembly, a fresh venv's install
+    python3 scripts/gpu_wheels.py rehearse .whl --images DIR  the check with an install (the plan's rehearsal)
 
 What is cut (measured on nvidia-dali-cuda130 2.4.0, whose set is 262 MB of wheels; see BENCHMARKS.md):
 - the Python extensions of other Pythons (DALI and nvImageCodec ship one per CPython, 3.9 to 3.15t);
@@ -355,12 +356,36 @@ def _install_check(folder: str, venv: str, manifest: dict, image: str) -> dict:
         result["import_skipped"] = f"made for Python {manifest['python']}, this is {sys.version.split()[0]}"
         return result
     decode = _DECODE.format(site=site, image=image) if image else ""
-    out = subprocess.run([python, "-c", _IMPORT + decode], capture_output=True, text=True, timeout=300,
+    program = _IMPORT + decode + "print(json.dumps(record))\n"
+    out = subprocess.run([python, "-c", program], capture_output=True, text=True, timeout=300,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     if out.returncode:
         raise SystemExit(f"the installed parts do not import: {out.stderr[-2000:]}")
     result.update(json.loads(out.stdout.strip().splitlines()[-1]), imported=True)
     return result
+
+
+def rehearse(folder: str, images: str, tree_bytes: int) -> dict:
+    """The plan's rehearsal of its DALI step: check the parts in ``folder`` (sizes, count, reassembly, an
+    install into a fresh venv, and where they were made for this Python an import and a CPU decode of one
+    of ``images``' JPEGs); without parts, say so (tests/test_gpu_wheels.py packs this Python's DALI)."""
+    if not os.path.exists(os.path.join(folder, "MANIFEST.json")):
+        return {"reason": f"no parts in {folder}: make them with `bash scripts/gpu_wheels.sh`"}
+    image = next((os.path.join(d, n) for d, _, names in sorted(os.walk(images)) for n in sorted(names)
+                  if n.endswith(".jpg")), "") if images else ""
+    return {"source": folder, **check(folder, True, tree_bytes or working_tree_bytes(), image)}
+
+
+def working_tree_bytes() -> int:
+    """What a device call sends beside a part: the tracked files (0 outside a git checkout)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        names = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, timeout=30,
+                               check=True).stdout.split(b"\0")
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(os.path.getsize(os.path.join(root, n.decode())) for n in names
+               if n and os.path.isfile(os.path.join(root, n.decode())))
 
 
 _IMPORT = """
@@ -399,10 +424,17 @@ def main(argv=None) -> int:
     test = sub.add_parser("check")
     test.add_argument("folder")
     test.add_argument("--install", action="store_true")
-    test.add_argument("--tree-bytes", type=int, default=0, help="the working tree a call carries beside a part")
+    test.add_argument("--tree-bytes", type=int, default=0, help="the working tree a call carries beside a part "
+                      "(default: the checkout's tracked files)")
     test.add_argument("--image", default="", help="a JPEG to decode on the CPU from the fresh install")
+    again = sub.add_parser("rehearse")
+    again.add_argument("folder")
+    again.add_argument("--images", default="", help="a folder with a JPEG to decode from the fresh install")
+    again.add_argument("--tree-bytes", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.command == "pack":
+    if args.command == "rehearse":
+        result = rehearse(args.folder, args.images, args.tree_bytes)
+    elif args.command == "pack":
         if bool(args.wheels) == args.installed:
             parser.error("give a wheel folder or --installed")
         sources = sources_from_installed() if args.installed else sources_from_wheels(args.wheels)
@@ -411,8 +443,9 @@ def main(argv=None) -> int:
     elif args.command == "unpack":
         result = {k: v for k, v in unpack(args.folder, args.target).items() if k != "parts"}
     else:
-        result = check(args.folder, args.install, args.tree_bytes, args.image)
-    print(json.dumps(result))
+        result = check(args.folder, args.install, args.tree_bytes or working_tree_bytes(), args.image)
+    figure = "skipped" if "reason" in result else "wheels"
+    print(json.dumps({"figure": figure, "name": args.command, **result}))
     return 0
 
 

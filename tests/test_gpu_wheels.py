@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import struct
+import sys
 import zipfile
 
 import pytest
@@ -153,3 +154,20 @@ def test_the_installed_dali_prunes_to_sm90_with_its_layout():
     assert len(data) == len(original) and freed > 0
     assert set(before) > {"sm90"} and set(after) == {"sm90"} and after["sm90"] == before["sm90"]
     print(json.dumps({"before": before, "after": after}))
+
+
+def test_this_pythons_dali_pruned_and_packed_imports_and_decodes_from_a_fresh_venv(tmp_path, sample_root):
+    """The cut that the GPU machine gets (other Pythons, nvCOMP, sm_90 only, static symbols zeroed), made of
+    this Python's installed DALI: it installs into a fresh venv, imports from there and decodes a JPEG on
+    the CPU (the GPU decode itself can only run on a lent GPU: scripts/gpu_check.sh, call 2)."""
+    if importlib.util.find_spec("nvidia") is None or importlib.util.find_spec("nvidia.dali") is None:
+        pytest.skip("DALI is not installed (pip install -e .[dali])")
+    out = str(tmp_path / "whl")
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    manifest = gpu_wheels.pack(gpu_wheels.sources_from_installed(), out, python, 90, gpu_wheels.PART_LIMIT, preset=0)
+    assert manifest["fatbin_bytes_freed"] > 50e6 and manifest["symbol_bytes_zeroed"] > 0
+    image = next(os.path.join(d, n) for d, _, names in os.walk(sample_root) for n in sorted(names)
+                 if n.endswith(".jpg"))
+    report = gpu_wheels.check(out, install=True, tree_bytes=0, image=image)
+    assert report["imported"] and "gpu-wheels-venv-" in report["dali_file"]  # from the fresh venv
+    assert report["decoded_shape"][2] == 3 and report["installed_version"] == report["dali_version"]

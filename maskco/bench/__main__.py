@@ -70,7 +70,8 @@ def main(argv=None) -> int:
                         "hardware JPEG decoder (0.65: DALI's A100-era default; try 0.9 on an H100)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled "
                         "modes (aot_eager: no code generation, for a quick check)")
-    parser.add_argument("--skip", default="", help="comma list of figures to skip: decode,baseline,loader,step,e2e,roi")
+    parser.add_argument("--skip", default="", help="comma list of figures to skip: decode, baseline, loader, step, "
+                        "e2e, roi, variants (the MaskCo / MoCo v2 step pairs)")
     parser.add_argument("--out-dir", default="runs/bench")
     parser.add_argument("--jsonl", default="", help="where the rows go as measured (default: out_dir/bench.jsonl)")
     args = parser.parse_args(argv)
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
     from pipelines.sources import list_images
 
     if "step" not in skip:
-        rows.add(step_figures(cfg, device, args.steps, args.repeats, modes, args.compile_backend))
+        rows.add(step_figures(cfg, device, args.steps, args.repeats, modes, args.compile_backend,
+                              variants="variants" not in skip))
     wanted = list(pipelines.BACKENDS) if args.backend == "all" else args.backend.split(",")
     available = pipelines.available_backends()
     for backend in wanted:

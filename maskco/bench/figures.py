@@ -68,9 +68,10 @@ def synthetic_batch(batch_size: int, image_size: int, device) -> pipelines.Batch
 
 
 def step_figures(cfg, device, steps: int, repeats: int, modes=("eager",),
-                 compile_backend: str = "inductor"):
+                 compile_backend: str = "inductor", variants: bool = True):
     """Yield each step figure the moment it is measured, the most wanted first: the whole step after the
-    loader in each of ``modes``, then what the method's input side costs, then the MaskCo / MoCo pairs."""
+    loader in each of ``modes``, then what the method's input side costs, then (``variants``) the MaskCo /
+    MoCo pairs."""
     batch = synthetic_batch(cfg.batch_size, cfg.image_size, device)
     # everything a step does after the loader, per execution mode: what end to end is compared with (the
     # GPU never waits when e2e reaches this); the first calls (compilation, graph capture) are untimed
@@ -89,6 +90,8 @@ def step_figures(cfg, device, steps: int, repeats: int, modes=("eager",),
     result = timed(lambda: [method() for _ in range(steps)], steps * cfg.batch_size, device, repeats)
     yield {"figure": "method_only", "name": "boxes+mask+roi_pool+logits", **result}
     runner = None  # frees its model and graphs before the next
+    if not variants:
+        return
     # MaskCo with and without its MPH; MoCo v2 (faithful: no MPH, 65,536-key queue) and MoCo v2-like
     # with the MPH, so each MaskCo row has a same-network MoCo row (labels from config.method_label)
     for changes in ({"mph": "attn"}, {"mph": "none"}, {**MOCOV2, "method": "mocov2"},
