@@ -58,7 +58,7 @@ class Sizes:
     data_procs: int = 8
     threads: int = 14
     model: tuple = ()  # extra bench options
-    steps: tuple = ("--steps=20", "--repeats=3", "--batches=20")
+    steps: tuple = ("--steps=20", "--repeats=3", "--batches=30")
     steps_large: tuple = ("--steps=10", "--repeats=3", "--batches=8")
     modes: str = "eager,graphs,compiled"
     e2e_mode: str = "graphs"
@@ -128,7 +128,7 @@ def plan(rehearse: bool, py: str) -> list[Stage]:
               "e2e (the graph-captured step at 32 is cached from call 1)",
               [at(s.small, f"--backend={s.dali}", f"--modes={s.e2e_mode}", f"--skip={quiet},step",
                   "--hw-decoder-load=0.9", *s.steps)]),
-        Stage("dali32_hw65", 2, 20, "DALI's two views at 0.65 on the hardware decoder (DALI's A100-era default)",
+        Stage("dali32_hw65", 2, 30, "DALI's two views at 0.65 on the hardware decoder (DALI's A100-era default)",
               [at(s.small, f"--backend={s.dali}", f"--modes={s.e2e_mode}", f"--skip={quiet},step,e2e",
                   "--hw-decoder-load=0.65", *s.steps)]),
         Stage("tests", 2, 40, "the CUDA tests (DALI's GPU pipeline, RoI pool, loss, the captured step); "
@@ -354,8 +354,8 @@ def write_summary(output: Output) -> None:
             graphs = f"{r['cuda_graphs']} / {r['cudagraph_skips']}" if "cuda_graphs" in r else ""
             wait = f"{r['data_wait']:.0%}" if "data_wait" in r else ""
             warm = f"{r['warmup_s']:.0f}" if "warmup_s" in r else ""
-            lines.append(f"| {r['stage']} | {r['figure']} | {r['name']} | {_batch(r)} | {r['img_per_s']:.1f} "
-                         f"({r['min']:.1f}-{r['max']:.1f}) | {warm} | {wait} | {graphs} |")
+            lines.append(f"| {r['stage']} | {r['figure']} | {r['name']} | {r.get('batch_size', '')} | "
+                         f"{r['img_per_s']:.1f} ({r['min']:.1f}-{r['max']:.1f}) | {warm} | {wait} | {graphs} |")
     trained = [r for r in rows if r.get("figure") == "train" and "img_per_s" in r]
     if trained:
         lines += ["", "pretrain (quality_gpu): " + ", ".join(f"step {r['step']} loss {r.get('loss', float('nan')):.3f} "
@@ -364,11 +364,6 @@ def write_summary(output: Output) -> None:
     lines += ["", *goals(rows)]
     with open(os.path.join(output.out, "summary.md"), "w", encoding="utf-8") as handle:
         handle.write("\n".join(lines) + "\n")
-
-
-def _batch(row: dict):
-    match = re.search(r"bench(\d+)", row.get("stage", "")) or re.search(r"dali(\d+)", row.get("stage", ""))
-    return match.group(1) if match else ""
 
 
 def goals(rows: list[dict]) -> list[str]:

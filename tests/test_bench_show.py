@@ -195,7 +195,7 @@ def test_hw_decoder_load_reaches_the_dali_loader(monkeypatch):
 
     def fake_build_loader(backend, source, **options):
         seen.update(options, backend=backend)
-        return Loader(size=4)
+        return Loader(size=8)
 
     monkeypatch.setattr(pipelines, "build_loader", fake_build_loader)
     cfg = build_config([], base=dict(arch="resnet18", image_size=64, batch_size=2, box_min_size=8))

@@ -90,7 +90,8 @@ def main(argv=None) -> int:
     cfg = build_config([args.config] if args.config else [], base=dict(
         arch=args.arch, batch_size=args.batch_size, image_size=args.image_size,
         box_min_size=min(16.0, args.image_size / 8), workers=args.threads))
-    env = environment(device, args.threads)
+    env = {**environment(device, args.threads), "arch": args.arch, "batch_size": args.batch_size,
+           "image_size": args.image_size}
     print(json.dumps(env))
     rows = Rows(args.jsonl or os.path.join(args.out_dir, "bench.jsonl"), env)
     if args.compile_only:

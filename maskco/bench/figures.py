@@ -174,12 +174,14 @@ def backend_figures(backend: str, source: str, cfg, device, threads: int, batche
     loader = pipelines.build_loader(backend, source, batch_size=cfg.batch_size, image_size=cfg.image_size,
                                     device=device, workers=threads, seed=0, **backend_options)
     try:
+        warmup = max(1, min(2 * threads, len(loader) // 2))  # a DataLoader prefetches ~2 batches per worker
         loader.set_epoch(0)
         yield {"figure": "loader", "name": backend, **backend_options,
-               **loader_rate(loader, batches, cfg.batch_size, device, lambda b: b.view_q)}
+               **loader_rate(loader, batches, cfg.batch_size, device, lambda b: b.view_q, warmup_batches=warmup)}
         runner = StepRunner(cfg, device)
         loader.set_epoch(0)
-        yield {"figure": "ready", "name": backend, **loader_rate(loader, batches, cfg.batch_size, device, runner.ready)}
+        yield {"figure": "ready", "name": backend,
+               **loader_rate(loader, batches, cfg.batch_size, device, runner.ready, warmup_batches=warmup)}
         if e2e_batches:
             runner = StepRunner(cfg, device, mode, compile_backend)
             for prefetch in (False, True) if not backend.startswith("dali") else (False,):

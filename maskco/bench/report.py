@@ -53,9 +53,10 @@ class Rows:
     """The bench's JSON lines: each row written (with the environment) and flushed the moment it is
     measured, so a run cut short keeps what it measured; also printed, one JSON line each."""
 
-    def __init__(self, path: str, env: dict):
+    def __init__(self, path: str, env: dict, tags: tuple = ("arch", "batch_size", "image_size")):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         self.path, self.env, self.rows = path, env, []
+        self.tags = {key: env[key] for key in tags if key in env}  # printed with every row: what it measured
 
     def add(self, rows) -> None:
         for row in rows:
@@ -63,7 +64,7 @@ class Rows:
             line = json.dumps({**self.env, **row})
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(line + "\n")
-            print(json.dumps(row), flush=True)
+            print(json.dumps({**row, **self.tags}), flush=True)
 
 
 def value(row: dict) -> tuple[float, str]:

@@ -45,14 +45,17 @@ def timed(fn, items_per_call: int, device: torch.device, repeats: int, warmup: i
     return spread([items_per_call / s for s in seconds], "img_per_s")
 
 
-def loader_rate(loader, batches: int, batch_size: int, device, consume, repeats: int = 3) -> dict:
+def loader_rate(loader, batches: int, batch_size: int, device, consume, repeats: int = 3,
+                warmup_batches: int = 1) -> dict:
     """Images per second of ``batches`` batches of ``loader``, each given to ``consume``, ``repeats`` times,
-    after one warm-up batch (workers started, pipeline built), all from one iterator: a new iterator restarts
-    the DataLoader's workers or rebuilds DALI's pipeline (0.5-1.5 s), which is not what is measured. So the
-    batches per repeat are cut to what one epoch holds; the row says how many were timed (``batches``)."""
-    per_repeat = fitting_batches(loader, batches, repeats)
+    after ``warmup_batches`` untimed ones (workers started, pipeline built, what the workers had prefetched
+    drained), all from one iterator: a new iterator restarts the DataLoader's workers or rebuilds DALI's
+    pipeline (0.5-1.5 s), which is not what is measured. So the batches per repeat are cut to what one epoch
+    holds; the row says how many were timed (``batches``)."""
+    per_repeat = fitting_batches(loader, batches, repeats, warmup_batches)
     iterator = iter(loader)
-    consume(next(iterator))
+    for _ in range(warmup_batches):
+        consume(next(iterator))
     result = timed(lambda: [consume(next(iterator)) for _ in range(per_repeat)], per_repeat * batch_size, device,
                    repeats, warmup=0)
     return {**result, "batches": per_repeat}
