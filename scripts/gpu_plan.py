@@ -120,7 +120,7 @@ def plan(rehearse: bool, py: str) -> list[Stage]:
         # ---- call 2: DALI (carried as parts, see scripts/gpu_wheels.py), then what call 1 left
         Stage("dali", 2, 40, "join, check and unpack the carried parts; import DALI",
               [[*wheels, "rehearse", ".whl", f"--images={data}"] if rehearse else
-               [*wheels, "unpack", ".whl", f"--target={DALI_SITE}"]]),
+               [*wheels, "unpack", ".whl", f"--target={DALI_SITE}", "--check-import"]]),
         Stage("bench128", 2, 90, f"step at {s.large} in {s.modes}, e2e torch and DALI (cached when the machine "
               "stayed warm)", [at(s.large, f"--backend=torch,{s.dali}", f"--modes={s.modes}", "--hw-decoder-load=0.9",
                                   f"--e2e-mode={s.e2e_mode}", f"--skip={quiet},variants", *s.steps_large)]),

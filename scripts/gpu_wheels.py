@@ -421,6 +421,7 @@ def main(argv=None) -> int:
     get = sub.add_parser("unpack")
     get.add_argument("folder")
     get.add_argument("--target", required=True)
+    get.add_argument("--check-import", action="store_true", help="then import DALI from there")
     test = sub.add_parser("check")
     test.add_argument("folder")
     test.add_argument("--install", action="store_true")
@@ -442,6 +443,13 @@ def main(argv=None) -> int:
         result = {k: v for k, v in result.items() if k != "parts"} | {"parts": [p["bytes"] for p in result["parts"]]}
     elif args.command == "unpack":
         result = {k: v for k, v in unpack(args.folder, args.target).items() if k != "parts"}
+        if args.check_import:  # what the plan's later stages will import, with the target first on the path
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([args.target, os.environ.get("PYTHONPATH", "")])}
+            out = subprocess.run([sys.executable, "-c", _IMPORT + "print(json.dumps(record))"], env=env,
+                                 capture_output=True, text=True, timeout=300)
+            if out.returncode:
+                raise SystemExit(f"DALI does not import from {args.target}: {out.stderr[-2000:]}")
+            result.update(json.loads(out.stdout.strip().splitlines()[-1]))
     else:
         result = check(args.folder, args.install, args.tree_bytes or working_tree_bytes(), args.image)
     figure = "skipped" if "reason" in result else "wheels"
