@@ -233,3 +233,19 @@ def test_a_killed_bench_keeps_the_rows_it_measured(tmp_path, sample_root):
             proc.kill()
     rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert rows and rows[0]["figure"] == "step" and rows[0]["img_per_s"] > 0 and "torch" in rows[0]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graph_captured_step_replays_cuda_graphs_without_skips_on_cuda():
+    """The graph-captured figure counts Inductor's CUDA-graph skips and the graphs recorded: a skip would make
+    "graph-captured" time the compiled step without graphs (scripts/gpu_check.sh runs this on a lent GPU)."""
+    import torch
+
+    from maskco.bench import capture
+    from maskco.bench.figures import step_figures
+    from maskco.config import build_config
+
+    cfg = build_config([], base=dict(arch="resnet18", image_size=64, batch_size=4, box_min_size=8))
+    row = next(step_figures(cfg, torch.device("cuda"), steps=2, repeats=1, modes=["graphs"]))
+    assert row["mode"] == "graphs" and row["cudagraph_skips"] == 0 and row["cuda_graphs"] > 0
+    assert capture.check([row]) == []
