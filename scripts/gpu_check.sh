@@ -7,7 +7,7 @@
 #     128 (compiled, graph-captured, the prefetch pair), each compiled cold in its own process, at once |
 #     bench32: the step eager / graph-captured / compiled, boxes + augmentation + masking, e2e torch
 #     (prefetch off and on), MaskCo against MoCo v2 | pretrain: the trainer, preset quality_gpu, graph-captured
-#   call 2, DALI (timeout_s=210; 195 s): dali: join, check and unpack the carried parts | bench128: the step
+#   call 2, DALI (timeout_s=210; 195 s): env | dali: join, check, unpack the carried parts | bench128: the step
 #     in the three modes, e2e torch and DALI | dali32: DALI's two views at 0.9 on the hardware decoder, e2e |
 #     dali32_hw65: the loader at 0.65 | tests: the CUDA tests (DALI's GPU pipeline, RoI, loss, the captured step)
 #

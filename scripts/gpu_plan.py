@@ -120,6 +120,7 @@ def plan(rehearse: bool, py: str) -> list[Stage]:
                                         "--knn_every=0", "--resume=none", "--export=false", f"--workers={s.threads}",
                                         f"--out_dir={STATE}/pretrain", "--json"]]),
         # ---- call 2: DALI (carried as parts, see scripts/gpu_wheels.py), then what call 1 left
+        Stage("env", 2, 30, "the environment again: this call may run on another machine", [[py, "-c", ENV]]),
         Stage("dali", 2, 40, "join, check and unpack the carried parts; import DALI",
               [[*wheels, "rehearse", ".whl", f"--images={data}"] if rehearse else
                [*wheels, "unpack", ".whl", f"--target={DALI_SITE}", "--check-import"]]),

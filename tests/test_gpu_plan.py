@@ -41,7 +41,7 @@ def test_the_plan_fits_the_device_budget_with_a_rerun_of_the_first_call():
     assert f"{minutes:.1f}" in header
     stages = gpu_plan.plan(False, "python3")
     assert [s.call for s in stages] == sorted(s.call for s in stages)  # torch only first, then DALI
-    assert len({s.name for s in stages}) == len(stages)
+    assert all(len({s.name for s in stages if s.call == c}) == len([s for s in stages if s.call == c]) for c in (1, 2))
     dali = [s.name for s in stages if any("dali" in " ".join(c) for c in s.commands)]
     assert all(gpu_plan.plan(False, "python3")[[s.name for s in stages].index(n)].call == 2 for n in dali)
 
@@ -100,7 +100,7 @@ def test_the_whole_plan_rehearses_on_this_cpu(tmp_path):
         for name in stages:
             assert f"STAGE {name} ok" in printed
     rows = _rows(str(out / "call1" / "rows.jsonl")) + _rows(str(out / "call2" / "rows.jsonl"))
-    measured = {(r["stage"], r["figure"], r["name"]) for r in rows if r.get("img_per_s")}
+    measured = {(r["stage"], r["figure"], r.get("name")) for r in rows if r.get("img_per_s")}
     assert {("bench32", "step", "ready+maskco"), ("bench32", "step", "ready+maskco compiled"),
             ("bench32", "ready_synthetic", "boxes+augment+mask"), ("bench32", "e2e", "torch prefetch"),
             ("bench128", "step", "ready+maskco"), ("bench128", "e2e", "torch")} <= measured
