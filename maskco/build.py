@@ -140,6 +140,7 @@ def build_run(cfg: Config, info: dist.DistInfo, steps_per_epoch: int) -> Run:
     """Encoders (DDP-wrapped query under a process group), optimiser, scaler, queue and schedule numbers."""
     device = info.device
     check_compile(cfg, device)
+    step.cuda_flags(device)  # the trainer's and the bench's: one compile cache serves both
     encoder_q, encoder_k = build_encoders(cfg, device, dist.is_distributed())
     optimizer = build_optimizer(cfg, encoder_q, device)
     model = encoder_q  # compile=true compiles the whole step (maskco.step.Step), this module inside it

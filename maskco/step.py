@@ -30,6 +30,16 @@ GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that capture CUDA
 PREFETCH = ("auto", "on", "off")
 
 
+def cuda_flags(device: torch.device) -> None:
+    """The flags every step on CUDA runs under, the trainer's and the bench's alike (maskco.build sets them):
+    TF32 matmuls and convolutions, cuDNN autotuning (static shapes: one search per shape). They are part of
+    Inductor's cache key, so only with the same flags do the bench and the trainer share compiled code."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 4099 + rank
 

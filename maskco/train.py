@@ -162,10 +162,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                                  timeout=datetime.timedelta(seconds=cfg.dist_timeout))
     device, world_size = info.device, info.world_size
     torch.manual_seed(cfg.seed + info.rank)  # per-rank host randomness; the models are seeded in maskco.build
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     log = RunLog(cfg.out_dir, enabled=info.rank == 0, tensorboard=cfg.tensorboard, lines=train_lines,
                  json_stdout=True if parsed.options["json"] else None, hold=True)
     log.write({"config": cfg.to_dict(), "git": git_revision(), "world_size": world_size, "device": str(device),

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 from PIL import Image
 
 from maskco import show
@@ -100,3 +101,151 @@ def test_decode_ceiling_leaves_torch_threads_as_they_were(sample_root):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+class _CountingLoader:
+    """A loader of ``size`` batches per epoch that counts its iterators (each one a DALI pipeline rebuild)."""
+
+    def __init__(self, size: int):
+        self.size, self.iterators, self.epochs = size, 0, []
+
+    def __len__(self):
+        return self.size
+
+    def set_epoch(self, epoch, skip_batches=0):
+        self.epochs.append(epoch)
+
+    def __iter__(self):
+        self.iterators += 1
+        return iter(range(self.size))
+
+
+def test_loader_figure_keeps_one_iterator_across_its_repeats():
+    """A new iterator inside a measurement would time DALI's pipeline rebuild or the workers' restart: the
+    batches per repeat are cut to what one epoch holds instead, and the row says how many were timed."""
+    import torch
+
+    from maskco.bench.timing import loader_rate
+
+    consumed = []
+    loader = _CountingLoader(size=8)
+    row = loader_rate(loader, batches=5, batch_size=2, device=torch.device("cpu"), consume=consumed.append, repeats=3)
+    assert loader.iterators == 1 and row["batches"] == 2 and row["repeats"] == 3
+    assert consumed == list(range(7))  # one warm-up batch, then 3 x 2, all of one epoch
+
+
+def test_graph_capture_check_flags_skips_and_missing_graphs():
+    import torch
+
+    from maskco.bench import capture
+
+    rows = [{"figure": "step", "name": "ready+maskco graph-captured", "mode": "graphs", "cudagraph_skips": 0,
+             "cuda_graphs": 2},
+            {"figure": "e2e", "name": "torch graph-captured", "mode": "graphs", "cudagraph_skips": 1, "cuda_graphs": 2},
+            {"figure": "step", "name": "x", "mode": "graphs", "cudagraph_skips": 0, "cuda_graphs": 0},
+            {"figure": "step", "name": "ready+maskco compiled", "mode": "compiled"}]
+    problems = capture.check(rows)
+    assert len(problems) == 2 and "1 CUDA graph skips" in problems[0] and "0 graphs recorded" in problems[1]
+    assert capture.skips() >= 0 and capture.recorded_graphs(torch.device("cpu")) == 0
+
+
+def test_the_bench_runs_the_step_under_the_trainers_cuda_flags(monkeypatch):
+    """TF32 and cuDNN autotuning are part of Inductor's cache key: the bench's step (maskco.build) sets the
+    trainer's flags, so the two share one compile cache."""
+    import torch
+
+    from maskco import step
+    from maskco.bench.figures import StepRunner
+    from maskco.config import build_config
+
+    seen, cuda_flags = [], step.cuda_flags
+    monkeypatch.setattr(step, "cuda_flags", lambda device: seen.append(device))
+    StepRunner(build_config([], base=dict(arch="resnet18", image_size=64, batch_size=2, box_min_size=8)),
+               torch.device("cpu"))
+    assert seen == [torch.device("cpu")]
+    flags = (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        cuda_flags(torch.device("cuda"))  # setting them needs no GPU
+        assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        (torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cudnn.allow_tf32) = flags
+
+
+def test_hw_decoder_load_reaches_the_dali_loader(monkeypatch):
+    """--hw-decoder-load (0.65, DALI's A100-era default; 0.9 on an H100) is passed to the DALI loader, and its
+    loader row records it."""
+    import torch
+
+    import pipelines
+    from maskco.bench import figures
+    from maskco.bench.__main__ import main
+    from maskco.config import build_config
+
+    seen = {}
+
+    class Loader(_CountingLoader):
+        def __iter__(self):
+            return (pipelines.Batch(torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.zeros(1))
+                    for _ in super().__iter__())
+
+        def close(self):
+            pass
+
+    def fake_build_loader(backend, source, **options):
+        seen.update(options, backend=backend)
+        return Loader(size=8)
+
+    monkeypatch.setattr(pipelines, "build_loader", fake_build_loader)
+    cfg = build_config([], base=dict(arch="resnet18", image_size=64, batch_size=2, box_min_size=8))
+    rows = figures.backend_figures("dali", "src", cfg, torch.device("cpu"), 1, 1, 0, hw_decoder_load=0.9)
+    assert next(rows)["hw_decoder_load"] == 0.9 and seen["backend"] == "dali" and seen["hw_decoder_load"] == 0.9
+    with pytest.raises(SystemExit):
+        main(["--hw-decoder-load=x"])
+
+
+def test_a_killed_bench_keeps_the_rows_it_measured(tmp_path, sample_root):
+    """Each row is written and flushed the moment it is measured: a bench killed by a stage's timeout leaves
+    every finished figure in its JSON lines (it wrote them only at exit before)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    jsonl = tmp_path / "rows.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    proc = subprocess.Popen([sys.executable, "-m", "maskco.bench", *TINY_MODEL, "--backend=torch",
+                             f"--data={sample_root}", f"--out-dir={tmp_path}", f"--jsonl={jsonl}", "--modes=eager",
+                             "--config=cpu_demo"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300  # a bound on a hang, not a speed threshold
+        while time.monotonic() < deadline and proc.poll() is None:
+            if jsonl.exists() and jsonl.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.5)
+        assert proc.poll() is None, "the bench ended before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert rows and rows[0]["figure"] == "step" and rows[0]["img_per_s"] > 0 and "torch" in rows[0]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_graph_captured_step_replays_cuda_graphs_without_skips_on_cuda():
+    """The graph-captured figure counts Inductor's CUDA-graph skips and the graphs recorded: a skip would make
+    "graph-captured" time the compiled step without graphs (scripts/gpu_check.sh runs this on a lent GPU)."""
+    import torch
+
+    from maskco.bench import capture
+    from maskco.bench.figures import step_figures
+    from maskco.config import build_config
+
+    cfg = build_config([], base=dict(arch="resnet18", image_size=64, batch_size=4, box_min_size=8))
+    row = next(step_figures(cfg, torch.device("cuda"), steps=2, repeats=1, modes=["graphs"]))
+    assert row["mode"] == "graphs" and row["cudagraph_skips"] == 0 and row["cuda_graphs"] > 0
+    assert capture.check([row]) == []

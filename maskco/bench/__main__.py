@@ -11,9 +11,15 @@ synchronised around the timed region: ``maskco.bench.timing``):
   e2e         real data, full step, per backend, with inputs one step ahead (prefetch) off and on; and the
               fraction of the time spent waiting for data
   roi_pool    fused vs reference, forward + backward: latency in ms per call (maskco.bench.micro)
-Output: a table on the terminal, JSON lines in out_dir/bench.jsonl, a chart out_dir/bench.png.
+The most wanted figures run first (step, then each backend, then the baselines), and each is written to
+out_dir/bench.jsonl (or --jsonl) and printed as a JSON line the moment it is measured, so a run cut short
+keeps what it measured; at the end a table on the terminal, the targets and a chart out_dir/bench.png.
+The step's flags are the trainer's (TF32, cuDNN autotuning: maskco.build), so the two share compiled code;
+``--compile-only`` compiles what a run would, untimed, to fill that cache ahead (scripts/gpu_plan.py).
+A graph-captured figure that skipped CUDA graphs or recorded none fails the run (exit 3; bench.capture).
 The package: timing (the one timing primitive), baselines (decode ceiling, MoCo v2 loader), figures
-(loader, ready, step, e2e), micro (RoI pool and loss), report (table, JSON lines, targets), chart.
+(loader, ready, step, e2e), capture (were CUDA graphs replayed), micro (RoI pool and loss), report
+(environment, JSON lines, table, targets), chart.
 """
 from __future__ import annotations
 
@@ -28,8 +34,9 @@ import pipelines
 from maskco import cli
 from maskco.bench import micro
 from maskco.bench.baselines import baseline_loader, decode_ceiling
-from maskco.bench.figures import MODES, backend_figures, step_figures
-from maskco.bench.report import environment, report, targets
+from maskco.bench import capture
+from maskco.bench.figures import MODES, backend_figures, compile_figures, step_figures
+from maskco.bench.report import Rows, environment, report, targets
 from maskco.config import build_config
 
 
@@ -53,11 +60,20 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--modes", default="", help="the step's execution modes to time, comma list of eager, "
                         "compiled, graphs (graph-captured: CUDA only); default: all three on a GPU, eager and "
-                        "compiled on a CPU. e2e runs the last of them")
+                        "compiled on a CPU")
+    parser.add_argument("--e2e-mode", default="", help="the step's mode in the end-to-end figures (default: the "
+                        "last of --modes)")
+    parser.add_argument("--compile-only", default="", choices=["", "steps", "prefetch"],
+                        help="compile (and capture) and time nothing: each mode's whole step (steps), or the "
+                             "Prefetcher's pair of graphs (prefetch); fills the compile cache for a later run")
+    parser.add_argument("--hw-decoder-load", type=float, default=0.65, help="dali: share of JPEGs sent to the "
+                        "hardware JPEG decoder (0.65: DALI's A100-era default; try 0.9 on an H100)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled "
                         "modes (aot_eager: no code generation, for a quick check)")
-    parser.add_argument("--skip", default="", help="comma list of figures to skip: decode,baseline,loader,step,e2e,roi")
+    parser.add_argument("--skip", default="", help="comma list of figures to skip: decode, baseline, loader, step, "
+                        "e2e, roi, variants (the MaskCo / MoCo v2 step pairs)")
     parser.add_argument("--out-dir", default="runs/bench")
+    parser.add_argument("--jsonl", default="", help="where the rows go as measured (default: out_dir/bench.jsonl)")
     args = parser.parse_args(argv)
     args.batches = args.batches or max(8, 8 * args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
@@ -65,7 +81,8 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     modes = [m for m in (args.modes or ("eager,compiled,graphs" if device.type == "cuda" else "eager,compiled"))
              .split(",") if m]
-    bad = [m for m in modes if m not in MODES or (m == "graphs" and device.type != "cuda")]
+    e2e_mode = args.e2e_mode or modes[-1]
+    bad = [m for m in modes + [e2e_mode] if m not in MODES or (m == "graphs" and device.type != "cuda")]
     if bad:
         parser.error(f"--modes: {', '.join(bad)} cannot run here (eager, compiled; graphs needs CUDA)")
     args.arch = args.arch or ("resnet50" if device.type == "cuda" else "resnet18")
@@ -73,8 +90,14 @@ def main(argv=None) -> int:
     cfg = build_config([args.config] if args.config else [], base=dict(
         arch=args.arch, batch_size=args.batch_size, image_size=args.image_size,
         box_min_size=min(16.0, args.image_size / 8), workers=args.threads))
-    env = environment(device, args.threads)
+    env = {**environment(device, args.threads), "arch": args.arch, "batch_size": args.batch_size,
+           "image_size": args.image_size}
     print(json.dumps(env))
+    rows = Rows(args.jsonl or os.path.join(args.out_dir, "bench.jsonl"), env)
+    if args.compile_only:
+        rows.add(compile_figures(cfg, device, [e2e_mode] if args.compile_only == "prefetch" else modes,
+                                 args.compile_backend, prefetched=args.compile_only == "prefetch"))
+        return _captured(rows.rows)
     root = args.data
     if not root:
         from pipelines.sample_data import make_sample_data
@@ -82,27 +105,18 @@ def main(argv=None) -> int:
         root = make_sample_data(os.path.join("data", f"bench{args.images}"), num_images=args.images)
     from pipelines.sources import list_images
 
-    paths = list_images(root).paths
-    rows = []
-
-    def add(new_rows):
-        for row in new_rows:
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-
-    if "decode" not in skip:
-        add([{"figure": "decode", "name": "decode", **decode_ceiling(paths, args.threads, device, args.repeats)}])
-    if "baseline" not in skip:
-        add([{"figure": "baseline", "name": "baseline",
-              **baseline_loader(root, args.batch_size, args.image_size, args.threads, device, args.batches)}])
+    if "step" not in skip:
+        rows.add(step_figures(cfg, device, args.steps, args.repeats, modes, args.compile_backend,
+                              variants="variants" not in skip))
     wanted = list(pipelines.BACKENDS) if args.backend == "all" else args.backend.split(",")
     available = pipelines.available_backends()
     for backend in wanted:
         if available.get(backend, "unknown backend"):
-            add([{"figure": "skipped", "name": backend, "reason": available.get(backend, "unknown backend")}])
+            rows.add([{"figure": "skipped", "name": backend, "reason": available.get(backend, "unknown backend")}])
             continue
         if backend == "dali" and device.type != "cuda":
-            add([{"figure": "skipped", "name": backend, "reason": "no CUDA device (dali-cpu runs DALI on the CPU)"}])
+            rows.add([{"figure": "skipped", "name": backend,
+                       "reason": "no CUDA device (dali-cpu runs DALI on the CPU)"}])
             continue
         source = root
         if backend == "ffcv":
@@ -110,22 +124,35 @@ def main(argv=None) -> int:
         if "loader" not in skip:
             # on a GPU the loader must outrun the step for many batches; on a CPU the step dominates
             e2e_batches = 0 if "e2e" in skip else (args.batches if device.type == "cuda" else args.steps)
-            add(backend_figures(backend, source, cfg, device, args.threads, args.batches, e2e_batches,
-                                mode=modes[-1], compile_backend=args.compile_backend))
-    if "step" not in skip:
-        add(step_figures(cfg, device, args.steps, args.repeats, modes, args.compile_backend))
+            options = {"hw_decoder_load": args.hw_decoder_load} if backend == "dali" else {}
+            rows.add(backend_figures(backend, source, cfg, device, args.threads, args.batches, e2e_batches,
+                                     mode=e2e_mode, compile_backend=args.compile_backend, **options))
+    paths = list_images(root).paths
+    if "decode" not in skip:
+        rows.add([{"figure": "decode", "name": "decode", **decode_ceiling(paths, args.threads, device, args.repeats)}])
+    if "baseline" not in skip:
+        rows.add([{"figure": "baseline", "name": "baseline",
+                   **baseline_loader(root, args.batch_size, args.image_size, args.threads, device, args.batches)}])
     if "roi" not in skip:
-        add([{"figure": "micro", "name": f"{r['group']} {r['impl']}", **r}  # latencies: ms per call, no rate
-             for r in micro.run(device, None if device.type == "cpu" else 20)])
-    report([r for r in rows if r["figure"] != "skipped"], args.out_dir, env)
-    for row in rows:
+        rows.add([{"figure": "micro", "name": f"{r['group']} {r['impl']}", **r}  # latencies: ms per call, no rate
+                  for r in micro.run(device, None if device.type == "cpu" else 20)])
+    measured = [r for r in rows.rows if r["figure"] != "skipped"]
+    report(measured, args.out_dir, env)
+    for row in rows.rows:
         if row["figure"] == "skipped":
             print(f"skipped {row['name']}: {row['reason']}")
-    for line in targets(rows):
+    for line in targets(measured):
         print(line)
-    with open(os.path.join(args.out_dir, "bench.jsonl"), "a", encoding="utf-8") as handle:
-        handle.write(json.dumps({**env, "figure": "targets", "lines": targets(rows)}) + "\n")
-    return 0
+    rows.add([{"figure": "targets", "lines": targets(measured)}])
+    return _captured(rows.rows)
+
+
+def _captured(rows: list[dict]) -> int:
+    """0, or 3 after saying loudly which graph-captured figure did not replay CUDA graphs."""
+    problems = capture.check(rows)
+    for line in problems:
+        print(f"ERROR: {line}", file=sys.stderr, flush=True)
+    return 3 if problems else 0
 
 
 def _beton(root: str, out_dir: str) -> str:

@@ -10,7 +10,8 @@ import torch
 
 import pipelines
 from maskco import dist
-from maskco.bench.timing import loader_rate, sync, timed
+from maskco.bench import capture
+from maskco.bench.timing import fitting_batches, loader_rate, sync, timed
 from maskco.build import build_run
 from maskco.config import MOCOV2, method_label, replace
 from maskco.engine import optimise
@@ -67,9 +68,30 @@ def synthetic_batch(batch_size: int, image_size: int, device) -> pipelines.Batch
 
 
 def step_figures(cfg, device, steps: int, repeats: int, modes=("eager",),
-                 compile_backend: str = "inductor") -> list[dict]:
-    rows = []
+                 compile_backend: str = "inductor", variants: bool = True):
+    """Yield each step figure the moment it is measured, the most wanted first: the whole step after the
+    loader in each of ``modes``, then what the method's input side costs, then (``variants``) the MaskCo /
+    MoCo pairs."""
     batch = synthetic_batch(cfg.batch_size, cfg.image_size, device)
+    # everything a step does after the loader, per execution mode: what end to end is compared with (the
+    # GPU never waits when e2e reaches this); the first calls (compilation, graph capture) are untimed
+    for mode in modes:
+        counter = capture.Counter(device)
+        runner = StepRunner(cfg, device, mode, compile_backend)
+        warmup = warm_up(runner, batch, device)
+        result = timed(lambda: [runner.step(batch) for _ in range(steps)], steps * cfg.batch_size, device, repeats)
+        yield {"figure": "step", "name": step_name(mode), "mode": mode, "warmup_s": warmup, **result,
+               **(counter.fields() if mode == "graphs" else {})}
+        runner = None  # frees its model and graphs before the next
+    runner = StepRunner(cfg, device)  # boxes + augmentation + masking alone (the input side of a step)
+    result = timed(lambda: [runner.ready(batch) for _ in range(steps)], steps * cfg.batch_size, device, repeats)
+    yield {"figure": "ready_synthetic", "name": "boxes+augment+mask", **result}
+    method = method_overhead(cfg, batch, runner.encoder_q, device)
+    result = timed(lambda: [method() for _ in range(steps)], steps * cfg.batch_size, device, repeats)
+    yield {"figure": "method_only", "name": "boxes+mask+roi_pool+logits", **result}
+    runner = None  # frees its model and graphs before the next
+    if not variants:
+        return
     # MaskCo with and without its MPH; MoCo v2 (faithful: no MPH, 65,536-key queue) and MoCo v2-like
     # with the MPH, so each MaskCo row has a same-network MoCo row (labels from config.method_label)
     for changes in ({"mph": "attn"}, {"mph": "none"}, {**MOCOV2, "method": "mocov2"},
@@ -80,28 +102,36 @@ def step_figures(cfg, device, steps: int, repeats: int, modes=("eager",),
         inputs = runner.run.step.ready(batch, noise)
         result = timed(lambda: [runner.step(batch, noise, inputs) for _ in range(steps)], steps * cfg.batch_size,
                        device, repeats)
-        rows.append({"figure": "step", "name": method_label(variant), "mph": variant.mph, **result})
-        del runner
-    runner = StepRunner(cfg, device)  # boxes + augmentation + masking alone (the input side of a step)
-    result = timed(lambda: [runner.ready(batch) for _ in range(steps)], steps * cfg.batch_size, device, repeats)
-    rows.append({"figure": "ready_synthetic", "name": "boxes+augment+mask", **result})
-    # everything a step does after the loader, per execution mode: what end to end is compared with (the
-    # GPU never waits when e2e reaches this); the first calls (compilation, graph capture) are untimed
-    for mode in modes:
-        runner = StepRunner(cfg, device, mode, compile_backend)
-        started = time.perf_counter()
-        for _ in range(3):  # compile (forward and backward), then the graph trees' warm-up and capture
+        yield {"figure": "step", "name": method_label(variant), "mph": variant.mph, **result}
+        runner = None  # frees its model and graphs before the next
+
+
+def warm_up(runner: StepRunner, batch, device, prefetched: bool = False) -> float:
+    """Seconds of the untimed first steps: compilation (forward and backward), then the graph trees' warm-up
+    and capture. ``prefetched``: the step from ready inputs made apart (the Prefetcher's pair of graphs)."""
+    started = time.perf_counter()
+    for _ in range(3):
+        if prefetched:
+            noise = runner.draw(batch)
+            runner.step(batch, noise, runner.run.step.ready(batch, noise))
+        else:
             runner.step(batch)
-        sync(device)
-        warmup = time.perf_counter() - started
-        result = timed(lambda: [runner.step(batch) for _ in range(steps)], steps * cfg.batch_size, device, repeats)
-        rows.append({"figure": "step", "name": step_name(mode), "mode": mode, "warmup_s": warmup, **result})
-        del runner
-    runner = StepRunner(cfg, device)
-    method = method_overhead(cfg, batch, runner.encoder_q, device)
-    result = timed(lambda: [method() for _ in range(steps)], steps * cfg.batch_size, device, repeats)
-    rows.append({"figure": "method_only", "name": "boxes+mask+roi_pool+logits", **result})
-    return rows
+    sync(device)
+    return time.perf_counter() - started
+
+
+def compile_figures(cfg, device, modes, compile_backend: str = "inductor", prefetched: bool = False):
+    """Only compile (and capture) what the same bench would: each mode's whole step, or (``prefetched``) the
+    Prefetcher's pair of graphs in each mode; nothing timed. With a shared Inductor cache
+    (TORCHINDUCTOR_CACHE_DIR) several of these can run at once, each on one graph, ahead of the timed runs."""
+    batch = synthetic_batch(cfg.batch_size, cfg.image_size, device)
+    for mode in modes:
+        counter = capture.Counter(device)
+        runner = StepRunner(cfg, device, mode, compile_backend)
+        warmup = warm_up(runner, batch, device, prefetched)
+        yield {"figure": "compile", "name": mode + (" prefetch" if prefetched else ""), "mode": mode,
+               "warmup_s": warmup, **(counter.fields() if mode == "graphs" else {})}
+        runner = None  # frees its model and graphs before the next
 
 
 def step_name(mode: str) -> str:
@@ -137,53 +167,59 @@ def method_overhead(cfg, batch, encoder, device):
 
 
 def backend_figures(backend: str, source: str, cfg, device, threads: int, batches: int, e2e_batches: int,
-                    mode: str = "eager", compile_backend: str = "inductor") -> list[dict]:
-    """Loader, ready-input and (if e2e_batches) end-to-end figures of one backend; end to end with the
-    step in ``mode``, and with inputs one step ahead (maskco.step.Prefetcher) on and off where the
-    backend delivers on the CPU (torch, ffcv)."""
+                    mode: str = "eager", compile_backend: str = "inductor", **backend_options):
+    """Yield the loader, ready-input and (if e2e_batches) end-to-end figures of one backend as measured; end
+    to end with the step in ``mode``, and with inputs one step ahead (maskco.step.Prefetcher) off and on
+    where the backend delivers on the CPU (torch, ffcv). Each figure keeps one iterator for all its repeats."""
     loader = pipelines.build_loader(backend, source, batch_size=cfg.batch_size, image_size=cfg.image_size,
-                                    device=device, workers=threads, seed=0)
-    loader.set_epoch(0)
-    rows = [{"figure": "loader", "name": backend,
-             **loader_rate(loader, batches, cfg.batch_size, device, lambda b: b.view_q)}]
-    runner = StepRunner(cfg, device)
-    rows.append({"figure": "ready", "name": backend,
-                 **loader_rate(loader, batches, cfg.batch_size, device, runner.ready)})
-    if e2e_batches:
-        runner = StepRunner(cfg, device, mode, compile_backend)
-        runner.step(next(iter(loader)))  # compiled and captured before the clock starts
-        for prefetch in (False, True) if not backend.startswith("dali") else (False,):
-            rows.append(_end_to_end(loader, runner, prefetch, e2e_batches, cfg, device, backend, mode))
-    if isinstance(loader, pipelines.Loader):
+                                    device=device, workers=threads, seed=0, **backend_options)
+    try:
+        warmup = max(1, min(2 * threads, len(loader) // 2))  # a DataLoader prefetches ~2 batches per worker
+        loader.set_epoch(0)
+        yield {"figure": "loader", "name": backend, **backend_options,
+               **loader_rate(loader, batches, cfg.batch_size, device, lambda b: b.view_q, warmup_batches=warmup)}
+        runner = StepRunner(cfg, device)
+        loader.set_epoch(0)
+        yield {"figure": "ready", "name": backend,
+               **loader_rate(loader, batches, cfg.batch_size, device, runner.ready, warmup_batches=warmup)}
+        if e2e_batches:
+            runner = StepRunner(cfg, device, mode, compile_backend)
+            for prefetch in (False, True) if not backend.startswith("dali") else (False,):
+                yield _end_to_end(loader, runner, prefetch, e2e_batches, cfg, device, backend, mode)
+    finally:
         loader.close()
-    return rows
 
 
-def _end_to_end(loader, runner, prefetch: bool, e2e_batches: int, cfg, device, backend: str, mode: str) -> dict:
-    """Images per second of ``e2e_batches`` steps straight from the loader, and the fraction of that time
-    spent waiting for the next batch; ``prefetch``: the trainer's Prefetcher between them."""
+def _end_to_end(loader, runner, prefetch: bool, e2e_batches: int, cfg, device, backend: str, mode: str,
+                repeats: int = 3) -> dict:
+    """Images per second of ``e2e_batches`` steps straight from the loader (a warm-up round, then ``repeats``
+    rounds, from one iterator), and the fraction of that time spent waiting for the next batch;
+    ``prefetch``: the trainer's Prefetcher between them. The first steps compile and capture, untimed."""
+    per_repeat = fitting_batches(loader, e2e_batches, repeats, warmup_batches=e2e_batches)
+    counter = capture.Counter(device)
+    loader.set_epoch(0)
+    if prefetch:  # its draws are numbered from the runner's step on: any numbers time alike
+        items = iter(Prefetcher(loader, runner.run.step, runner.index, limit=runner.index + len(loader)))
+    else:
+        items = ((batch, runner.draw(batch), None) for batch in loader)
     waits = []
 
-    def steps():
-        while True:  # epoch after epoch, as many as the timed batches need
-            if prefetch:  # its draws are numbered from the runner's step on: any numbers time alike
-                yield from Prefetcher(loader, runner.run.step, runner.index, limit=runner.index + len(loader))
-            else:
-                for batch in loader:
-                    yield batch, runner.draw(batch), None
-
     def timed_iter():
-        iterator, total, wait = steps(), time.perf_counter(), 0.0
-        for _ in range(e2e_batches):
+        total, wait = time.perf_counter(), 0.0
+        for _ in range(per_repeat):
             tick = time.perf_counter()
-            batch, noise, inputs = next(iterator)
+            batch, noise, inputs = next(items)
             sync(device)
             wait += time.perf_counter() - tick
             runner.step(batch, noise, inputs)
         sync(device)
         waits.append(wait / (time.perf_counter() - total))
 
-    result = timed(timed_iter, e2e_batches * cfg.batch_size, device, repeats=3, warmup=1)
+    started = time.perf_counter()
+    timed_iter()  # the warm-up round: compilation and capture of this loop's graphs, workers at speed
+    warmup = time.perf_counter() - started
+    result = timed(timed_iter, per_repeat * cfg.batch_size, device, repeats=repeats, warmup=0)
     name = backend + (" prefetch" if prefetch else "") + ("" if mode == "eager" else f" {MODE_LABELS[mode]}")
-    return {"figure": "e2e", "name": name, "prefetch": prefetch, "mode": mode, **result,
-            "data_wait": statistics.median(waits)}
+    return {"figure": "e2e", "name": name, "prefetch": prefetch, "mode": mode, **result, "batches": per_repeat,
+            "warmup_s": warmup, "data_wait": statistics.median(waits[1:]),
+            **(counter.fields() if mode == "graphs" else {})}

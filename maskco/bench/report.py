@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import subprocess
 import time
 
 import torch
@@ -14,10 +15,56 @@ from maskco.runlog import git_revision
 
 
 def environment(device, threads: int) -> dict:
+    """What produced the figures: machine, card, driver, torch / torchvision / DALI versions, commit."""
+    import torchvision
+
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    capability = ".".join(map(str, torch.cuda.get_device_capability(device))) if gpu else None
+    revision = git_revision()  # a copy of the tree without .git (a lent GPU machine): the caller says
     return {"machine": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "threads": threads, "gpu": gpu, "torch": torch.__version__, "python": platform.python_version(),
-            "git": git_revision(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "threads": threads, "gpu": gpu, "capability": capability, "driver": gpu and _driver(),
+            "cuda": torch.version.cuda, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "dali": _version("nvidia-dali-cuda130", "nvidia-dali-cuda120"), "python": platform.python_version(),
+            "git": os.environ.get("MASKCO_COMMIT", revision) if revision == "unknown" else revision,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def _driver():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _version(*names):
+    from importlib import metadata
+
+    for name in names:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+class Rows:
+    """The bench's JSON lines: each row written (with the environment) and flushed the moment it is
+    measured, so a run cut short keeps what it measured; also printed, one JSON line each."""
+
+    def __init__(self, path: str, env: dict, tags: tuple = ("arch", "batch_size", "image_size")):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        self.path, self.env, self.rows = path, env, []
+        self.tags = {key: env[key] for key in tags if key in env}  # printed with every row: what it measured
+
+    def add(self, rows) -> None:
+        for row in rows:
+            self.rows.append(row)
+            line = json.dumps({**self.env, **row})
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(line + "\n")
+            print(json.dumps({**row, **self.tags}), flush=True)
 
 
 def value(row: dict) -> tuple[float, str]:
@@ -29,9 +76,6 @@ def report(rows: list[dict], out_dir: str, env: dict) -> None:
     from maskco.bench.chart import chart
 
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench.jsonl"), "a", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps({**env, **row}) + "\n")
     ceiling = next((r for r in rows if r["figure"] == "decode"), None)
     baseline = next((r for r in rows if r["figure"] == "baseline"), None)
     eager_step = mode_rows(rows).get("eager")

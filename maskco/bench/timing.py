@@ -45,21 +45,26 @@ def timed(fn, items_per_call: int, device: torch.device, repeats: int, warmup: i
     return spread([items_per_call / s for s in seconds], "img_per_s")
 
 
-def loader_rate(loader, batches: int, batch_size: int, device, consume, repeats: int = 3) -> dict:
-    """Images per second of ``batches`` batches of ``loader``, each given to ``consume`` (after one
-    warm-up batch: workers started), ``repeats`` times; the loader restarts when an epoch runs out."""
-    state = {"iterator": iter(loader), "epoch": 0}
+def loader_rate(loader, batches: int, batch_size: int, device, consume, repeats: int = 3,
+                warmup_batches: int = 1) -> dict:
+    """Images per second of ``batches`` batches of ``loader``, each given to ``consume``, ``repeats`` times,
+    after ``warmup_batches`` untimed ones (workers started, pipeline built, what the workers had prefetched
+    drained), all from one iterator: a new iterator restarts the DataLoader's workers or rebuilds DALI's
+    pipeline (0.5-1.5 s), which is not what is measured. So the batches per repeat are cut to what one epoch
+    holds; the row says how many were timed (``batches``)."""
+    per_repeat = fitting_batches(loader, batches, repeats, warmup_batches)
+    iterator = iter(loader)
+    for _ in range(warmup_batches):
+        consume(next(iterator))
+    result = timed(lambda: [consume(next(iterator)) for _ in range(per_repeat)], per_repeat * batch_size, device,
+                   repeats, warmup=0)
+    return {**result, "batches": per_repeat}
 
-    def next_batch():
-        try:
-            return next(state["iterator"])
-        except StopIteration:
-            state["epoch"] += 1
-            if hasattr(loader, "set_epoch"):  # the baseline's DataLoader has none
-                loader.set_epoch(state["epoch"])
-            state["iterator"] = iter(loader)
-            return next(state["iterator"])
 
-    consume(next_batch())
-    return timed(lambda: [consume(next_batch()) for _ in range(batches)], batches * batch_size, device, repeats,
-                 warmup=0)
+def fitting_batches(loader, batches: int, repeats: int, warmup_batches: int = 1) -> int:
+    """``batches``, or fewer, so that the warm-up and ``repeats`` rounds come from one epoch of ``loader``."""
+    per_repeat = min(batches, (len(loader) - warmup_batches) // repeats)
+    if per_repeat < 1:
+        raise ValueError(f"an epoch of {len(loader)} batches cannot hold {warmup_batches} warm-up batches and "
+                         f"{repeats} repeats: use more images (--images) or a smaller batch")
+    return per_repeat
