@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import faulthandler
+import os
 import sys
 import time
 import traceback
