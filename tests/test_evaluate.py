@@ -440,5 +440,5 @@ def test_knn_monitor_on_sample_data(sample_root):
     backbone = resnet("resnet18").train()
     result = knn.knn_monitor(backbone, sample_root, sample_root, image_size=32, device=torch.device("cpu"),
                              batch_size=8, workers=0)
-    assert set(result) == {"top1", "top5"} and all(0 <= value <= 100 for value in result.values())
+    assert set(result) == {"top1", "top5", "top1_k20"} and all(0 <= value <= 100 for value in result.values())
     assert backbone.training
