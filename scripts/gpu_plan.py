@@ -80,7 +80,7 @@ REHEARSAL = Sizes(  # CPU stand-ins: ResNet-18 at 64 px with the CPU demo's head
     steps=("--steps=1", "--repeats=1", "--batches=2"), steps_large=("--steps=1", "--repeats=1", "--batches=2"),
     modes="eager,compiled", e2e_mode="eager", compile_sets=(("steps", "compiled"),), compile_backend="eager",
     pretrain=("--max_steps=3", "--log_every=1", "--arch=resnet18", "--image_size=64", "--box_min_size=8",
-              "--batch_size=8", "--compile=false", "--device=cpu"),
+              "--batch_size=8", "--virtual_gpus=2", "--compile=false", "--device=cpu"),
     dali="dali-cpu", tests=("tests/test_roi.py", "tests/test_loss.py"), dali_tests=())
 
 
