@@ -257,23 +257,19 @@ def over_seeds(rows: list[dict]) -> dict:
 
 
 def prepare_data(args) -> dict:
-    """The splits, the probe's mosaics and (``--data mosaics``) the pretraining mosaics, written by local
-    rank 0; other local ranks wait for its markers."""
+    """The splits, the probe's mosaics and (``--data mosaics``) the pretraining mosaics; one process only."""
     from pipelines import fmnist, mosaics
 
     source = args.fmnist_dir or fmnist.DEFAULT_DIR
     sizes = (args.pretrain_images, args.train_images, args.test_images)
     probe_dir, mosaic_dir = f"{args.data_dir}-probe", f"{args.data_dir}-mosaics"
-    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-        splits = fmnist.write_splits(args.data_dir, source, *sizes, seed=0)
-        args.probe = mosaics.write_probe_sets(probe_dir, source, *args.probe, seed=0)
-        if args.data == "mosaics":
-            splits["pretrain"] = mosaics.write_pretrain_mosaics(mosaic_dir, source, args.mosaics, seed=0)
-        return splits
-    for folder, marker in ((args.data_dir, fmnist.MARKER), (probe_dir, mosaics.MARKER)):
-        while not os.path.exists(os.path.join(folder, marker)):
-            time.sleep(1)
-    raise ConfigError("make quality runs in one process (the trainer's virtual GPUs stand in for several)")
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        raise ConfigError("make quality runs in one process (the trainer's virtual GPUs stand in for several)")
+    splits = fmnist.write_splits(args.data_dir, source, *sizes, seed=0)
+    args.probe = mosaics.write_probe_sets(probe_dir, source, *args.probe, seed=0)
+    if args.data == "mosaics":
+        splits["pretrain"] = mosaics.write_pretrain_mosaics(mosaic_dir, source, args.mosaics, seed=0)
+    return splits
 
 
 def main(argv=None) -> int:

@@ -132,7 +132,7 @@ def write_splits(out_dir: str, fmnist_dir: str = DEFAULT_DIR, pretrain: int = 38
     settings = {"version": FORMAT_VERSION, "pretrain": int(pretrain), "train": int(train), "test": int(test),
                 "seed": int(seed), "source": _describe_source(fmnist_dir)}
     folders = {split: os.path.join(out_dir, split) for split in ("pretrain", "train", "test")}
-    previous = _read_marker(out_dir)
+    previous = read_marker(out_dir)
     if previous == settings:
         return folders
     if os.path.isdir(out_dir) and os.listdir(out_dir) and previous is None:
@@ -172,9 +172,10 @@ def _describe_source(fmnist_dir: str) -> dict:
                                          for name in files]}
 
 
-def _read_marker(out_dir: str):
+def read_marker(out_dir: str, marker: str = MARKER):
+    """The settings a writer left in ``out_dir/marker`` (written last), or None where there is none."""
     try:
-        with open(os.path.join(out_dir, MARKER), encoding="utf-8") as handle:
+        with open(os.path.join(out_dir, marker), encoding="utf-8") as handle:
             return json.load(handle)
     except (OSError, ValueError):
         return None

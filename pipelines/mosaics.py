@@ -38,7 +38,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from pipelines.fmnist import DEFAULT_DIR, _describe_source, balanced, load_split
+from pipelines.fmnist import DEFAULT_DIR, _describe_source, balanced, load_split, read_marker
 from pipelines.sources import DataError
 
 ITEM = 28  # px: a Fashion-MNIST image
@@ -142,7 +142,7 @@ def _publish(out_dir: str, fmnist_dir: str, settings: dict, fill) -> str:
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     fmnist_dir = os.path.abspath(os.path.expanduser(fmnist_dir))
     settings = {**settings, "source": _describe_source(fmnist_dir)}
-    previous = _read_marker(out_dir)
+    previous = read_marker(out_dir, MARKER)
     if previous == settings:
         return out_dir
     if os.path.isdir(out_dir) and os.listdir(out_dir) and previous is None:
@@ -163,14 +163,6 @@ def _publish(out_dir: str, fmnist_dir: str, settings: dict, fill) -> str:
         os.rmdir(out_dir)  # empty (checked above)
     os.replace(staging, out_dir)
     return out_dir
-
-
-def _read_marker(out_dir: str):
-    try:
-        with open(os.path.join(out_dir, MARKER), encoding="utf-8") as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
-        return None
 
 
 def main(argv=None) -> int:

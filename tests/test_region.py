@@ -1,9 +1,7 @@
 """The mosaics (pipelines/mosaics.py) and the region probe (maskco/evaluate/region.py) on a tiny fake Fashion-MNIST."""
 from __future__ import annotations
 
-import gzip
 import os
-import struct
 import subprocess
 import sys
 
@@ -19,16 +17,10 @@ from maskco.evaluate.features import prepare_images
 from maskco.model import Encoder
 from pipelines import fmnist, mosaics
 from pipelines.sources import DataError
+from test_quality import write_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VALUES = 20 + 20 * np.arange(10)  # class c's fake item: a flat 28 x 28 square of grey VALUES[c]
-
-
-def write_idx(path: str, array: np.ndarray) -> None:
-    """An IDX file as the Fashion-MNIST release writes it: magic (0, 0, 0x08, ndim), big-endian dims, bytes."""
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
-    with gzip.open(path, "wb") as handle:
-        handle.write(header + array.astype(np.uint8).tobytes())
 
 
 @pytest.fixture(scope="module")
