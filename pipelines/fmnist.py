@@ -13,8 +13,9 @@ torchvision dataset, no download) and writes three deterministic splits under ``
 Images are stored as they come, 28 x 28 grey PNG (lossless, ~300 bytes each); the torch loader
 converts to RGB and upsamples each view (bilinear) to the view size, so nothing is invented at write
 time and one folder serves every view size (96 px for ResNet-18 at C5 3 x 3, 224 px for ResNet-50).
-The labelled splits are class-balanced draws; pretrain and train are disjoint whenever the train
-images left over by pretrain hold the labelled split. Every draw comes from
+The labelled splits are the first images in the release's order (the usual kNN monitor's bank and
+queries; Fashion-MNIST's order is shuffled, so they are near-balanced); pretrain and train are disjoint
+whenever the train images left over by pretrain hold the labelled split. Every draw comes from
 ``numpy.random.default_rng(seed)``, so the same settings give the same files; a marker file written
 last (``fmnist_splits.json``) holds the settings, and a second call with the same settings reuses the
 folders.
@@ -45,7 +46,8 @@ FILES = {  # split -> (images, labels), as the package (and the original release
 CLASSES = ("0_tshirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat", "5_sandal", "6_shirt",
            "7_sneaker", "8_bag", "9_ankle_boot")  # the digit keeps ImageFolder's sorted order = label order
 MARKER = "fmnist_splits.json"
-FORMAT_VERSION = 2  # bump when what is written changes, so old folders are rebuilt (2: labelled pretrain)
+FORMAT_VERSION = 3  # bump when what is written changes, so old folders are rebuilt (2: labelled pretrain;
+# 3: labelled splits = the first images in the release's order)
 
 
 class FashionMNISTMissing(DataError):
@@ -104,16 +106,19 @@ def balanced(labels: np.ndarray, count: int, order: np.ndarray) -> np.ndarray:
 
 def choose(train_labels: np.ndarray, test_labels: np.ndarray, pretrain: int, train: int, test: int,
            seed: int) -> dict[str, np.ndarray]:
-    """Indices of each split: pretrain = the head of one permutation of the train set; train = a balanced
-    draw from the rest of it (disjoint from pretrain) or, where the rest is too small, from the whole
-    permutation; test = a balanced draw from the test set."""
+    """Indices of each split: pretrain = the head of one permutation of the train set; train = the first
+    ``train`` train images (the release's order) that pretrain leaves out or, where those are too few, the
+    first ``train`` of all; test = the first ``test`` test images. The labelled splits are those of the
+    usual kNN monitor (and of the reference curve in BENCHMARKS.md: the first 10,000 / 2,000), the same
+    for every pretraining size and seed."""
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(train_labels))
-    labelled = balanced(train_labels, train, order[pretrain:])
+    left = np.ones(len(train_labels), dtype=bool)
+    left[order[:pretrain]] = False
+    labelled = np.flatnonzero(left)[:train]
     if len(labelled) < train:  # pretrain takes (nearly) everything: the labelled split overlaps it
-        labelled = balanced(train_labels, train, order)
-    return {"pretrain": np.sort(order[:pretrain]), "train": labelled,
-            "test": balanced(test_labels, test, rng.permutation(len(test_labels)))}
+        labelled = np.arange(train)
+    return {"pretrain": np.sort(order[:pretrain]), "train": labelled, "test": np.arange(test)}
 
 
 def _check(pretrain: int, train: int, test: int, sizes: tuple[int, int]) -> None:

@@ -55,6 +55,11 @@ def test_splits_are_deterministic_disjoint_and_reused(tmp_path, fake_fmnist):
     assert len(names["pretrain"]) == 20 and len(names["test"]) == 10
     assert sorted(os.listdir(folders["train"])) == list(fmnist.CLASSES)  # 2 per class, labels in order
     assert {os.path.basename(n) for n in names["pretrain"]}.isdisjoint(os.path.basename(n) for n in names["train"])
+    # the labelled splits are the first images in the release's order (the reference kNN monitor's)
+    assert sorted(os.path.basename(n) for n in names["test"]) == [f"t10k_{i:05d}.png" for i in range(10)]
+    pretrained = {int(os.path.basename(n)[6:11]) for n in names["pretrain"]}
+    assert sorted(int(os.path.basename(n)[6:11]) for n in names["train"]) == \
+        [i for i in range(60) if i not in pretrained][:20]
     again = fmnist.write_splits(str(tmp_path / "b"), fake_fmnist, pretrain=20, train=20, test=10)
     for split in folders:
         for name in names[split]:
