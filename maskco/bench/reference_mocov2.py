@@ -141,15 +141,16 @@ def train(args) -> list[dict]:
             pointer = (pointer + len(k)) % args.queue
             step += 1
             if step % 20 == 0:
-                print(f"step {step}/{total} loss {loss.item():.3f} {step * args.batch_size / (time.time() - start):.0f} img/s",
-                      flush=True)
+                speed = step * args.batch_size / (time.time() - start)
+                print(f"step {step}/{total} loss {loss.item():.3f} {speed:.0f} img/s", flush=True)
         monitor(epoch + 1)
     log.close()
     return rows
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m maskco.bench.reference_mocov2", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m maskco.bench.reference_mocov2",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--fmnist-dir", default=fmnist.DEFAULT_DIR)
     parser.add_argument("--knn-train", default="data/fmnist/train")
     parser.add_argument("--knn-val", default="data/fmnist/test")

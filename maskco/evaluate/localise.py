@@ -149,9 +149,9 @@ def localise(cfg: Config, encoder_q: Encoder, encoder_k: Encoder, images: int = 
     (epoch 0 of ``cfg.seed``'s views): ``{"localise_top1": %, "images": counted, "chance": %}``; chance is
     the share of the key view's cell boxes centred in the positive box (a uniformly random peak)."""
     device = torch.device(device)
-    loader = pipelines.build_loader(cfg.backend, resolve_data(cfg, 0), batch_size=min(batch_size, images), image_size=cfg.image_size,
-                                    device=device, seed=cfg.seed, workers=workers, crop_scale=cfg.crop_scale,
-                                    crop_ratio=cfg.crop_ratio, flip_prob=cfg.flip_prob)
+    loader = pipelines.build_loader(cfg.backend, resolve_data(cfg, 0), batch_size=min(batch_size, images),
+                                    image_size=cfg.image_size, device=device, seed=cfg.seed, workers=workers,
+                                    crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio, flip_prob=cfg.flip_prob)
     spec = task_spec(cfg)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     hits = chance = counted = seen = 0
