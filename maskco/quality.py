@@ -67,7 +67,8 @@ PRESETS = {
 RESULTS, FIGURE = "quality.jsonl", "quality.png"
 # the figures of a row that are averaged over seeds
 METRICS = ("knn_top1", "knn_top1_k20", "region_knn_top1", "region_knn_top1_k20", "region_knn_top1_global",
-           "region_knn_top1_global_k20")
+           "region_knn_top1_global_k20", "localise_top1")
+LOCALISE_IMAGES = 512  # test images whose masked box is looked for in the other view (maskco.evaluate.localise)
 
 
 def parse_args(argv):
@@ -180,6 +181,22 @@ def region_top1(args, cfg, backbone) -> dict:
     return {key: value for key, value in result.items() if key in METRICS}
 
 
+def localise_top1(args, cfg, checkpoint: str | None = None) -> dict:
+    """Localisation accuracy on the test split: ``checkpoint``'s encoders, or (None) one random network of
+    ``cfg``'s shape as both encoders; the same views, boxes and masks for every method (seeded by cfg.seed)."""
+    from maskco.evaluate import localise
+
+    data = [f"--data={args.splits['test']}", "--workers=0", f"--batch_size={min(cfg.batch_size, args.test_images)}",
+            "--virtual_gpus=1"]  # evaluation mode: no BatchNorm groups
+    if checkpoint:
+        cfg, encoder_q, encoder_k = localise.load_encoders(checkpoint, data)
+    else:
+        cfg = build_config([args.config, *_shape_args(cfg, cfg.seed), *data])
+        encoder_q, encoder_k = localise.encoder_pair(cfg)
+    result = localise.localise(cfg, encoder_q, encoder_k, LOCALISE_IMAGES, workers=0)
+    return {"localise_top1": result["localise_top1"], "localise_chance": result["chance"]}
+
+
 def shape_of(cfg) -> str:
     return f"{cfg.arch} {cfg.stem} stem x{cfg.width:g}, {cfg.image_size} px"
 
@@ -203,7 +220,7 @@ def random_init_row(args, cfg) -> dict:
     row = {"method": "random_init", "label": f"random init ({shape_of(cfg)})", "seed": cfg.seed, "steps": 0,
            "knn_curve": [],
            "knn_top1": record["knn_top1"], "knn_top1_k20": record["knn_top1_k20"],
-           **region_top1(args, cfg, random_backbone(cfg.arch, cfg.stem, cfg.width))}
+           **region_top1(args, cfg, random_backbone(cfg.arch, cfg.stem, cfg.width)), **localise_top1(args, cfg)}
     row.update(linear_top1(args, cfg, ["--random-init", *shape], out_dir))
     return {**row, "seconds": round(time.time() - began, 1)}
 
@@ -238,6 +255,8 @@ def variant_row(args, variant: str, seed: int) -> dict:
            "first_loss": finished["first_loss"], "last_loss": finished["last_loss"],
            "pretrain_seconds": round(time.time() - began, 1)}
     row.update(region_top1(args, cfg, load_backbone(exported)))
+    if variant != "supervised":  # the supervised ceiling has no key encoder, head or MPH to localise with
+        row.update(localise_top1(args, cfg, os.path.join(out_dir, "checkpoint_last.pt")))
     row.update(linear_top1(args, cfg, ["--checkpoint", exported], out_dir))
     return {**row, "seconds": round(time.time() - began, 1)}
 

@@ -144,12 +144,13 @@ def task_spec(cfg: Config) -> MethodSpec:
 
 @torch.no_grad()
 def localise(cfg: Config, encoder_q: Encoder, encoder_k: Encoder, images: int = DEFAULT_IMAGES,
-             device: torch.device | str = "cpu", batch_size: int = 64, workers: int | None = None) -> dict:
+             device: torch.device | str = "cpu", workers: int | None = None) -> dict:
     """Localisation accuracy over the first valid masked boxes of ``images`` images of ``cfg.data``
-    (epoch 0 of ``cfg.seed``'s views): ``{"localise_top1": %, "images": counted, "chance": %}``; chance is
+    (epoch 0 of ``cfg.seed``'s views, ``cfg.batch_size`` at a time): ``{"localise_top1": %, "images": counted,
+    "chance": %}``; chance is
     the share of the key view's cell boxes centred in the positive box (a uniformly random peak)."""
     device = torch.device(device)
-    loader = pipelines.build_loader(cfg.backend, resolve_data(cfg, 0), batch_size=min(batch_size, images),
+    loader = pipelines.build_loader(cfg.backend, resolve_data(cfg, 0), batch_size=min(cfg.batch_size, images),
                                     image_size=cfg.image_size, device=device, seed=cfg.seed, workers=workers,
                                     crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio, flip_prob=cfg.flip_prob)
     spec = task_spec(cfg)
