@@ -1,7 +1,7 @@
 # MaskCo trainer. Every target creates and reuses the virtual environment $(VENV) itself.
 #   make pretrain                      CPU demo on the built-in sample data (or one GPU if present)
 #   make pretrain GPUS=8 DATA=/imagenet/train CONFIG=r50_imagenet_200ep BACKEND=dali
-#   make test | make bench | make show | make ffcv DATA=/imagenet OUT=/betons | make linear CKPT=...
+#   make test | make bench | make show [CKPT=...] | make ffcv DATA=/imagenet OUT=/betons | make linear CKPT=...
 #   make quality [ARGS="--preset gpu --variants maskco,mocov2,maskco_no_mph"]   MaskCo vs MoCo v2 vs random init on Fashion-MNIST
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -72,8 +72,9 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(PY) -m maskco.bench --backend=$(BENCH_BACKEND) $(DATA_ARG) $(ARGS)
 
+# with CKPT the checkpoint's settings are the base (CONFIG would change its model): only DATA, BACKEND, ARGS
 show: $(VENV)/.installed
-	$(PY) -m maskco.show $(CONFIG) --backend=$(BACKEND) $(DATA_ARG) $(ARGS)
+	$(PY) -m maskco.show $(if $(CKPT),--checkpoint=$(CKPT),$(CONFIG)) --backend=$(BACKEND) $(DATA_ARG) $(ARGS)
 
 sample: $(VENV)/.installed
 	$(PY) -m pipelines.sample_data data/sample
