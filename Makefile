@@ -47,7 +47,18 @@ PIP_QUIET = --disable-pip-version-check > $(VENV)/pip.log 2>&1 || { cat $(VENV)/
 # failed rank's code (2 bad input, 3 diverged, ...) instead of torchrun's 1
 LAUNCH := $(if $(MULTI),$(PY) -m maskco.launch --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS) $(RDZV),$(PY))
 
-.PHONY: venv pretrain test bench show ffcv linear export sample quality clean-venv
+.PHONY: help venv pretrain test bench show ffcv linear export sample quality clean-venv
+.DEFAULT_GOAL := help
+
+# `make` alone: what there is to run (nothing is installed or built)
+help:
+	@echo "MaskCo trainer. On a fresh machine:"
+	@echo "  make pretrain   sets up .venv, builds the sample data, pretrains the CPU demo (GPU if there is one)"
+	@echo "  make test       sets up .venv and runs the tests"
+	@echo "Other targets: make pretrain GPUS=8 DATA=... CONFIG=... | make quality [ARGS=...] | make bench |"
+	@echo "  make show [CKPT=...] | make ffcv DATA=... OUT=... | make linear CKPT=... TRAIN=... VAL=... |"
+	@echo "  make export CKPT=... | make sample | make venv EXTRAS=dev,ffcv,dali | make clean-venv"
+	@echo "README.md explains each; docs/DESIGN.md is the map of the code."
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

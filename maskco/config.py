@@ -147,10 +147,18 @@ def _unknown_key(key: str, where: str) -> ConfigError:
     )
 
 
+def _kind_name(kind) -> str:
+    """A field's type in words: "an integer", "a pair of numbers", ..."""
+    if typing.get_origin(kind) is tuple:
+        return {2: "a pair of numbers, e.g. [0.2, 1.0]"}.get(len(typing.get_args(kind)),
+                                                            f"a list of {len(typing.get_args(kind))} numbers")
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(kind, str(kind))
+
+
 def _coerce(key: str, value, where: str):
     """Check ``value`` against the type of field ``key``; return it in that type."""
     kind = typing.get_type_hints(Config)[key]
-    bad = ConfigError(f"config key {key!r} in {where}: expected {kind}, got {value!r}")
+    bad = ConfigError(f"config key {key!r} in {where}: expected {_kind_name(kind)}, got {value!r}")
     if typing.get_origin(kind) is tuple:
         size = len(typing.get_args(kind))
         if not isinstance(value, (list, tuple)) or len(value) != size:

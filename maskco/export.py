@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = cli.ArgumentParser(prog="python -m maskco.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="pretraining checkpoint (or an exported torchvision backbone)")
     parser.add_argument("--out-dir", required=True, help="folder for the exported files")
-    parser.add_argument("--arch", default=None, help="expected arch (default: from the checkpoint / key shapes)")
+    parser.add_argument("--arch", default=None, choices=ARCHS, metavar="ARCH",
+                        help=f"expected arch, one of {', '.join(ARCHS)} (default: from the checkpoint / key shapes)")
     parser.add_argument("--detectron2-layout", choices=sorted(DETECTRON2_LAYOUTS), default="c4",
                         help="where detectron2 keeps each stage: c4 (R50-C4, default) or fpn")
     args = parser.parse_args(argv)

@@ -22,7 +22,7 @@ def refusal(gpus: int, visible: int, data: str, config: str, config_given: bool)
         where = "no CUDA GPU" if visible == 0 else f"only {visible} CUDA GPU(s)"
         return (f"GPUS={gpus}, but torch sees {where} here; on this machine run `make pretrain` (one process: the "
                 "CPU demo, or one GPU), or start CPU processes yourself: "
-                f"`torchrun --nproc_per_node={gpus} -m maskco.train cpu_demo --device=cpu`")
+                f"`.venv/bin/torchrun --nproc_per_node={gpus} -m maskco.train cpu_demo --device=cpu`")
     if not data and not config_given:
         return (f"GPUS={gpus} trains the {config} preset (ResNet-50 on ImageNet) and needs "
                 f"DATA=/path/to/imagenet/train; without DATA it would train on the sample images. "

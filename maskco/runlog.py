@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 
 from maskco.config import ConfigError
 
@@ -41,6 +42,27 @@ def signal_name(number: int) -> str:
         return str(number)
 
 
+_UNSTARTED: "weakref.WeakSet[RunLog]" = weakref.WeakSet()  # logs whose run may still fail while starting
+
+
+def abandon_unstarted() -> None:
+    """After a failed start (``train.cli``): every live log that never started removes what it created."""
+    for log in list(_UNSTARTED):
+        log.abandon()
+
+
+def _missing_folders(path: str) -> list[str]:
+    """The folders ``os.makedirs(path)`` would create, deepest first."""
+    missing, path = [], os.path.abspath(path)
+    while path and not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing
+
+
 def check_writable(out_dir: str) -> None:
     """Create ``out_dir`` and write a file in it, so that a read-only or impossible folder is one clear
     line before anything is built, not a traceback at the first checkpoint."""
@@ -49,8 +71,8 @@ def check_writable(out_dir: str) -> None:
         with tempfile.TemporaryFile(dir=out_dir):
             pass
     except OSError as error:
-        raise ConfigError(f"out_dir {out_dir} is not writable ({error.strerror or error}); "
-                          "choose another --out_dir") from None
+        what = "is a file, not a folder" if os.path.isfile(out_dir) else f"is not writable ({error.strerror or error})"
+        raise ConfigError(f"out_dir {out_dir} {what}; choose another --out_dir") from None
 
 
 def _duration(seconds: float) -> str:
@@ -131,7 +153,10 @@ class RunLog:
         if not enabled:
             return
         self.json_stdout = lines is None or (not sys.stdout.isatty() if json_stdout is None else json_stdout)
+        self.held: list[dict] = []  # JSON stdout records held back with ``pending`` (a failed start prints none)
+        self.created = _missing_folders(out_dir)  # removed again if the run fails before it starts
         check_writable(out_dir)
+        _UNSTARTED.add(self)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -157,7 +182,13 @@ class RunLog:
         self.pending.append(json.dumps(record, default=str))
         if self.started:
             self._flush()
-        self.show(record)
+        if self.json_stdout and not self.started:
+            self.held.append(record)  # shown with the first record of the started run
+        else:
+            for held in self.held:
+                self.show(held)
+            self.held = []
+            self.show(record)
         if self.writer is not None and "step" in record:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key not in ("step", "time", "epoch"):
@@ -201,7 +232,23 @@ class RunLog:
 
     def discard(self) -> None:
         """Forget the held-back records (a run that decided not to train)."""
-        self.pending = []
+        self.pending, self.held = [], []
+
+    def abandon(self) -> None:
+        """The run failed before it started: forget what was held and remove the folders this log
+        created if they are still empty, so that a failed start leaves nothing behind."""
+        if self.started or not self.enabled:
+            return
+        self.discard()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+        for folder in self.created:  # deepest first
+            try:
+                os.rmdir(folder)  # only if empty
+            except OSError:
+                break
+        self.created = []
 
     def _progress(self, record: dict) -> None:
         steps_left = max(0, self.total_steps - record["step"])

@@ -23,7 +23,7 @@ from maskco.config import Config, ConfigError, build_config, global_batch, metho
 from maskco.engine import Diverged, LoopState, train
 from maskco.export import export_backbone
 from maskco.model import unwrap
-from maskco.runlog import RunLog, git_revision, signal_name, train_lines
+from maskco.runlog import RunLog, abandon_unstarted, git_revision, signal_name, train_lines
 
 
 SUMMARY = """MaskCo pretraining: presets (later ones win), then config keys (later ones win). Resumes from
@@ -302,6 +302,7 @@ def cli() -> int:
     try:
         return main()
     except KNOWN_ERRORS as error:
+        abandon_unstarted()  # a run that failed while starting leaves no empty out_dir behind
         # one that stopped the run before training is the same on every rank (config, data, checkpoint): once a node
         same_everywhere = not getattr(error, "during_training", False)
         code = grammar.fail("maskco.train", error, quiet=same_everywhere and os.environ.get("LOCAL_RANK", "0") != "0")
@@ -310,6 +311,7 @@ def cli() -> int:
               "checkpoint", file=sys.stderr)
         code = EXIT_SIGINT
     except Exception:
+        abandon_unstarted()
         traceback.print_exc()
         code = EXIT_CRASH
     dist.abandon()

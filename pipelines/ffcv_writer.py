@@ -260,7 +260,8 @@ def check_beton(path: str) -> BetonInfo:
         raise DataError(f"FFCV dataset {path} does not exist")
     if os.path.isdir(path):
         raise DataError(f"FFCV dataset {path} is a folder; the ffcv backend reads a .beton file "
-                        "(convert the folder with `python -m pipelines.ffcv_writer`)")
+                        "(convert it: `make ffcv DATA=root OUT=out_dir` for a root holding train/ and val/, or "
+                        "`.venv/bin/python -m pipelines.ffcv_writer folder out.beton` for one folder)")
     size = os.path.getsize(path)
 
     def bad(why: str) -> DataError:

@@ -275,6 +275,7 @@ def test_machine_check_refuses_what_the_machine_or_data_cannot_serve():
     from maskco.machine import refusal
 
     assert "torch sees no CUDA GPU" in refusal(2, 0, "", "r50_imagenet_200ep", False)
+    assert "`.venv/bin/torchrun --nproc_per_node=2" in refusal(2, 0, "", "r50_imagenet_200ep", False)  # not on PATH
     assert "only 4 CUDA GPU(s)" in refusal(8, 4, "/imagenet/train", "r50_imagenet_200ep", False)
     assert "needs DATA=" in refusal(8, 8, "", "r50_imagenet_200ep", False)
     assert refusal(8, 8, "/imagenet/train", "r50_imagenet_200ep", False) is None

@@ -335,7 +335,7 @@ def test_bad_beton_paths_are_data_errors(beton, tmp_path, sample_root):
     jpeg = tmp_path / "photo.beton"
     shutil.copy(list_images(sample_root).paths[0], jpeg)
     (tmp_path / "empty.beton").write_bytes(b"")
-    cases = {str(tmp_path / "missing.beton"): "does not exist", str(tmp_path): "is a folder",
+    cases = {str(tmp_path / "missing.beton"): "does not exist", str(tmp_path): "is a folder.*make ffcv DATA=",
              str(truncated): "truncated", str(jpeg): "not a readable FFCV",
              str(tmp_path / "empty.beton"): "0 bytes"}
     for path, match in cases.items():

@@ -1,0 +1,50 @@
+"""What a newcomer meets first: `make` alone, and the one-line answers to the first mistakes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(*command, timeout=240):
+    return subprocess.run(list(command), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=ENV)
+
+
+def one_error_line(result, prog: str) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), result.stderr
+    return lines[0]
+
+
+def test_make_alone_lists_the_targets_and_installs_nothing(tmp_path):
+    result = run("make", f"VENV={tmp_path / 'venv'}")
+    assert result.returncode == 0, result.stderr
+    assert "make pretrain" in result.stdout and "make test" in result.stdout and "make quality" in result.stdout
+    assert not (tmp_path / "venv").exists()
+
+
+def test_a_run_that_fails_while_starting_leaves_no_folder_and_no_json_line(tmp_path):
+    out_dir = tmp_path / "new" / "run"
+    result = run(sys.executable, "-m", "maskco.train", "cpu_demo", f"--data={tmp_path / 'none'}",
+                 f"--out_dir={out_dir}")  # stdout is a pipe: JSON records, once the run starts
+    assert result.returncode == 2
+    assert "does not exist" in one_error_line(result, "maskco.train")
+    assert result.stdout == ""
+    assert not (tmp_path / "new").exists()
+
+
+def test_bad_values_say_what_was_expected_in_words(tmp_path):
+    result = run(sys.executable, "-m", "maskco.train", "cpu_demo", "--batch_size=abc")
+    assert result.returncode == 2
+    assert "expected an integer, got 'abc'" in one_error_line(result, "maskco.train")
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    result = run(sys.executable, "-m", "maskco.train", "cpu_demo", f"--out_dir={a_file}")
+    assert result.returncode == 2 and "is a file, not a folder" in one_error_line(result, "maskco.train")
+    result = run(sys.executable, "-m", "maskco.export", str(a_file), "--arch=resnet999", f"--out-dir={tmp_path}")
+    assert result.returncode == 2 and "invalid choice: 'resnet999'" in result.stderr.strip().splitlines()[-1]
+    result = run(sys.executable, "-m", "maskco.show", "cpu_demo", f"--out={a_file / 'views.png'}", "--images=2")
+    assert result.returncode == 2 and "cannot write --out=" in one_error_line(result, "maskco.show")
