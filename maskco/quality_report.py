@@ -12,11 +12,12 @@ def table(rows: list[dict], settings: dict, seconds: float) -> str:
     """One line per method: kNN (k=200 and k=20), region probe (RoI and cropped-item global), localisation
     accuracy (the masked box's similarity peak inside its positive box), linear
     last-layer and multi-layer per stage (top-1 %), the kNN spread over seeds, loss, minutes."""
-    head = ["method", "kNN", "kNN k20", "region", "region glob", "localise", "linear last", *[f"multi {s}" for s in STAGES],
-            "seeds (spread)", "loss first->last", "min"]
+    head = ["method", "kNN", "kNN k20", "region", "region glob", "localise", "linear last",
+            *[f"multi {s}" for s in STAGES], "seeds (spread)", "loss first->last", "min"]
     lines = [[row["label"], _cell(row.get("knn_top1")), _cell(row.get("knn_top1_k20")),
               _cell(row.get("region_knn_top1")), _cell(row.get("region_knn_top1_global")),
-              _cell(row.get("localise_top1")), _cell(row.get("linear_last_res5")), *[_cell(row.get(f"linear_multi_{s}")) for s in STAGES],
+              _cell(row.get("localise_top1")), _cell(row.get("linear_last_res5")),
+              *[_cell(row.get(f"linear_multi_{s}")) for s in STAGES],
               f"{len(row.get('seeds', [0]))} ({row.get('knn_top1_spread', 0):.1f})",
               f"{row['first_loss']:.2f}->{row['last_loss']:.2f}" if row.get("first_loss") is not None else "-",
               f"{row['seconds'] / 60:.1f}"] for row in rows]
