@@ -13,11 +13,13 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from maskco import vocab
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma, with 0.299 written as 0.2989).
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
-MASK_MODES = ("zero", "noise", "blur", "none")
+MASK_MODES = vocab.MASK_MODES
 # Op ids inside PhotometricParams.order: torchvision ColorJitter's fn_idx numbering.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 # `blur` mask: Gaussian sigma as a fraction of the image side (14 px at 224): erases the box's detail.
@@ -46,9 +48,8 @@ class PhotometricParams(NamedTuple):
 
 
 # MoCo v2's colour augmentation [paper] (the Config's defaults are these)
-JITTER = (0.4, 0.4, 0.4, 0.1)  # ColorJitter brightness, contrast, saturation, hue
-JITTER_PROB, GRAY_PROB, BLUR_PROB = 0.8, 0.2, 0.5
-BLUR_SIGMA = (0.1, 2.0)
+JITTER, JITTER_PROB, GRAY_PROB, BLUR_PROB = vocab.JITTER, vocab.JITTER_PROB, vocab.GRAY_PROB, vocab.BLUR_PROB
+BLUR_SIGMA = vocab.BLUR_SIGMA
 
 
 def sample_photometric(n: int, generator: Optional[torch.Generator], device: torch.device | str, *,

@@ -15,9 +15,7 @@ from dataclasses import dataclass, fields
 
 import yaml
 
-import pipelines
-from maskco import augment, step
-from maskco.model import MPH_KINDS, ROI_CENTERINGS, STEMS
+from maskco import vocab
 
 PRESET_DIR = os.path.join(os.path.dirname(__file__), "configs")
 
@@ -26,20 +24,20 @@ class ConfigError(ValueError):
     """A preset or override names an unknown key or gives a bad value."""
 
 
-# the values a string key takes; where a module owns the list, it is that module's
+# the values a string key takes (maskco.vocab: the modules that implement them read the same lists)
 CHOICES = {
-    "method": ("maskco", "mocov2"),
-    "mph": MPH_KINDS,
-    "mask_mode": augment.MASK_MODES,
-    "precision": ("auto", "bf16", "fp16", "fp32"),
-    "momentum_schedule": ("constant", "cosine"),
-    "key_bn": ("shuffle", "sync", "local"),
-    "roi_centering": ROI_CENTERINGS,
-    "stem": STEMS,
-    "backend": tuple(pipelines.BACKENDS),
-    "device": ("auto", "cpu", "cuda"),
-    "compile_mode": step.COMPILE_MODES,
-    "prefetch": step.PREFETCH,
+    "method": vocab.METHODS,
+    "mph": vocab.MPH_KINDS,
+    "mask_mode": vocab.MASK_MODES,
+    "precision": vocab.PRECISIONS,
+    "momentum_schedule": vocab.MOMENTUM_SCHEDULES,
+    "key_bn": vocab.KEY_BNS,
+    "roi_centering": vocab.ROI_CENTERINGS,
+    "stem": vocab.STEMS,
+    "backend": vocab.BACKENDS,
+    "device": vocab.DEVICES,
+    "compile_mode": vocab.COMPILE_MODES,
+    "prefetch": vocab.PREFETCH,
 }
 
 
@@ -79,14 +77,14 @@ class Config:
     mask_mode: str = "zero"  # zero | noise | blur | none (the paper's no-mask ablation)
     # ---- views (DESIGN 4.1): MoCo v2 augmentations
     image_size: int = 224  # view side in pixels
-    crop_scale: tuple[float, float] = pipelines.CROP_SCALE  # random resized crop area fraction [paper: (0.2, 1.0)]
-    crop_ratio: tuple[float, float] = pipelines.CROP_RATIO  # random resized crop aspect [paper: (3/4, 4/3)]
+    crop_scale: tuple[float, float] = vocab.CROP_SCALE  # random resized crop area fraction [paper: (0.2, 1.0)]
+    crop_ratio: tuple[float, float] = vocab.CROP_RATIO  # random resized crop aspect [paper: (3/4, 4/3)]
     flip_prob: float = 0.5  # horizontal flip probability, per view
-    jitter: tuple[float, float, float, float] = augment.JITTER  # colour jitter brightness contrast saturation hue [paper: (0.4, 0.4, 0.4, 0.1)]
-    jitter_prob: float = augment.JITTER_PROB  # probability of the colour jitter [paper: 0.8]
-    gray_prob: float = augment.GRAY_PROB  # probability of grayscale [paper: 0.2]
-    blur_prob: float = augment.BLUR_PROB  # probability of the Gaussian blur [paper: 0.5]
-    blur_sigma: tuple[float, float] = augment.BLUR_SIGMA  # Gaussian blur sigma range, pixels [paper: (0.1, 2.0)]
+    jitter: tuple[float, float, float, float] = vocab.JITTER  # colour jitter brightness contrast saturation hue [paper: (0.4, 0.4, 0.4, 0.1)]
+    jitter_prob: float = vocab.JITTER_PROB  # probability of the colour jitter [paper: 0.8]
+    gray_prob: float = vocab.GRAY_PROB  # probability of grayscale [paper: 0.2]
+    blur_prob: float = vocab.BLUR_PROB  # probability of the Gaussian blur [paper: 0.5]
+    blur_sigma: tuple[float, float] = vocab.BLUR_SIGMA  # Gaussian blur sigma range, pixels [paper: (0.1, 2.0)]
     # ---- data
     data: str = "sample"  # dataset path (ImageFolder, flat folder, .txt list, .beton, .tar shards); "sample": built-in sample set
     sample_images: int = 240  # size of the generated sample set when data == "sample"

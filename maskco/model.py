@@ -19,12 +19,10 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.models.resnet import Bottleneck
 
-from maskco import dist, roi
+from maskco import dist, roi, vocab
 
 ARCHS = tuple(name for name in torchvision.models.resnet.__all__ if name[0].islower())  # resnet18 ... wide_resnet101_2
-MPH_KINDS = ("attn", "conv", "none")
-ROI_CENTERINGS = ("receptive", "half_pixel")
-STEMS = ("imagenet", "cifar")
+MPH_KINDS, ROI_CENTERINGS, STEMS = vocab.MPH_KINDS, vocab.ROI_CENTERINGS, vocab.STEMS
 
 
 class _ScaledResNet(torchvision.models.ResNet):

@@ -22,12 +22,11 @@ from typing import Iterator, Optional
 
 import torch
 
-from maskco import augment
+from maskco import augment, vocab
 from maskco.method import Inputs, Noise, draw_noise, inputs_from_noise, loss_from_inputs
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+COMPILE_MODES, PREFETCH = vocab.COMPILE_MODES, vocab.PREFETCH
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that capture CUDA graphs
-PREFETCH = ("auto", "on", "off")
 
 
 def cuda_flags(device: torch.device) -> None:

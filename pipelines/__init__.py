@@ -25,6 +25,7 @@ import numpy
 import torch
 import torch.utils.data  # noqa: F401  (imported before close_all is registered: see there)
 
+from maskco import vocab
 from pipelines.sources import DataError  # noqa: F401  (re-exported: the one error type for bad data)
 
 
@@ -58,8 +59,7 @@ class Batch:
 
 
 # MoCo v2's random resized crop [paper], used by every backend; the Config's defaults are these.
-CROP_SCALE = (0.2, 1.0)  # area fraction of the source image
-CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio
+CROP_SCALE, CROP_RATIO = vocab.CROP_SCALE, vocab.CROP_RATIO  # area fraction of the source image, aspect ratio
 
 
 def process_cpus() -> int:
@@ -107,6 +107,8 @@ BACKENDS = {
     "dali": "pipelines.dali_loader:build_dali_loader",
     "dali-cpu": "pipelines.dali_loader:build_dali_cpu_loader",
 }
+
+assert tuple(BACKENDS) == vocab.BACKENDS, "pipelines.BACKENDS and maskco.vocab.BACKENDS must list the same names"
 
 INSTALL_HINTS = {
     "ffcv": "install it with `pip install -e .[ffcv]` after `apt-get install -y pkg-config "

@@ -48,3 +48,11 @@ def test_bad_values_say_what_was_expected_in_words(tmp_path):
     assert result.returncode == 2 and "invalid choice: 'resnet999'" in result.stderr.strip().splitlines()[-1]
     result = run(sys.executable, "-m", "maskco.show", "cpu_demo", f"--out={a_file / 'views.png'}", "--images=2")
     assert result.returncode == 2 and "cannot write --out=" in one_error_line(result, "maskco.show")
+
+
+def test_the_configuration_and_the_command_line_load_no_torch():
+    # the run's vocabulary is the ground floor (maskco.vocab): reading a config needs none of the method
+    code = ("import sys, maskco.config, maskco.cli; "
+            "print(sorted(m for m in ('torch', 'numpy', 'pipelines') if m in sys.modules))")
+    result = run(sys.executable, "-c", code)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

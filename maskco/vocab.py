@@ -1,0 +1,28 @@
+"""The run's vocabulary: the values a setting may take and the paper's augmentation constants.
+
+The ground floor of the package: it imports nothing of the project and nothing heavy (no torch), so
+that the configuration (``maskco.config``) and everything that only reads a config (the command line,
+``--help``) stand on it alone, and the modules that implement a setting (``model``, ``augment``, ``step``,
+``pipelines``) read their lists from here rather than the config reading them from the implementation.
+"""
+from __future__ import annotations
+
+METHODS = ("maskco", "mocov2")
+STEMS = ("imagenet", "cifar")  # 7x7 stride-2 conv1 + max-pool | 3x3 stride-1 conv1, no max-pool
+MPH_KINDS = ("attn", "conv", "none")  # Mask Prediction Head: 2 Transformer layers | 2 Bottlenecks | ablation
+ROI_CENTERINGS = ("receptive", "half_pixel")  # box -> C5 mapping (maskco.model.cell_centre)
+MASK_MODES = ("zero", "noise", "blur", "none")  # how the masked box is filled (maskco.augment.mask_boxes)
+KEY_BNS = ("shuffle", "sync", "local")  # the key branch's BatchNorm
+MOMENTUM_SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+DEVICES = ("auto", "cpu", "cuda")
+BACKENDS = ("torch", "ffcv", "dali", "dali-cpu")  # data backends (pipelines.BACKENDS says where each lives)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune")
+PREFETCH = ("auto", "on", "off")
+
+# MoCo v2's views [paper]: random resized crop and colour augmentation
+CROP_SCALE = (0.2, 1.0)  # area fraction of the source image
+CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio
+JITTER = (0.4, 0.4, 0.4, 0.1)  # ColorJitter brightness, contrast, saturation, hue
+JITTER_PROB, GRAY_PROB, BLUR_PROB = 0.8, 0.2, 0.5
+BLUR_SIGMA = (0.1, 2.0)  # Gaussian blur sigma range, pixels
