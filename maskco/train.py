@@ -26,6 +26,13 @@ from maskco.model import unwrap
 from maskco.runlog import RunLog, abandon_unstarted, git_revision, signal_name, train_lines
 
 
+EXIT_DIVERGED = 3  # the loss or the weights stopped being finite (README: exit codes)
+EXIT_CRASH = 1  # an unexpected exception, as Python itself exits on one
+EXIT_SIGINT = 130  # a second Ctrl-C: given up at once, without a checkpoint of this step
+# bad input or a bad checkpoint: one line, exit 2, no traceback
+KNOWN_ERRORS = (DataError, checkpoint.CheckpointError, ConfigError, ImportError)
+
+
 SUMMARY = """MaskCo pretraining: presets (later ones win), then config keys (later ones win). Resumes from
 out_dir/checkpoint_last.pt when there is one (--resume=none starts over). On a terminal: a progress bar and
 short human lines; every record goes to out_dir/log.jsonl as JSON (and to stdout when it is not a terminal,
@@ -253,13 +260,6 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "checkpoint": store.last, "exported": exported})
     _finish(run, log)
     return 128 + int(state.stop_signal) if state.stop_signal else 0
-
-
-EXIT_DIVERGED = 3  # the loss or the weights stopped being finite (README: exit codes)
-EXIT_CRASH = 1  # an unexpected exception, as Python itself exits on one
-EXIT_SIGINT = 130  # a second Ctrl-C: given up at once, without a checkpoint of this step
-# bad input or a bad checkpoint: one line, exit 2, no traceback
-KNOWN_ERRORS = (DataError, checkpoint.CheckpointError, ConfigError, ImportError)
 
 
 def failure_record(error: BaseException, step: int, rank: int) -> dict:

@@ -47,3 +47,58 @@ def test_every_cited_design_section_exists():
                             cited.setdefault(number, name)
     assert {"2.1", "4.4", "4.8"} <= set(cited)  # the scan finds the citations at all
     assert {number: where for number, where in cited.items() if number not in sections} == {}
+
+
+def rooms() -> tuple[dict, dict]:
+    """DESIGN 7.1's table -> ({path prefix: room}, {room: rooms it may import})."""
+    section = design().split("### 7.1 ", 1)[1].split("\n## ", 1)[0]
+    where, allowed = {}, {}
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or cells[0] in ("room", "---") or not line.startswith("|"):
+            continue
+        room, paths, may = cells
+        allowed[room] = {"every room"} if may == "every room" else set() if may.startswith("nothing") else \
+            {name.strip() for name in may.split(",")}
+        for path in re.findall(r"`((?:maskco|pipelines)/[\w/.]*)`", paths):
+            where[path] = room
+    return where, allowed
+
+
+def room_of(path: str, where: dict) -> str:
+    matches = [prefix for prefix in where if path == prefix or (prefix.endswith("/") and path.startswith(prefix))]
+    return where[max(matches, key=len)] if matches else "tools"
+
+
+def project_imports(path: str) -> set[str]:
+    """Modules of the project ``path`` imports (absolute imports, at any depth of the file), as file paths."""
+    import ast
+
+    with open(os.path.join(ROOT, path), encoding="utf-8") as handle:
+        tree = ast.parse(handle.read())
+    def file_of(name: str) -> str | None:
+        base = name.replace(".", "/")
+        return next((candidate for candidate in (base + ".py", base + "/__init__.py")
+                     if os.path.exists(os.path.join(ROOT, candidate))), None)
+
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            for alias in node.names:  # `from maskco import vocab` imports maskco/vocab.py, not the package
+                found.add(file_of(f"{node.module}.{alias.name}") or file_of(node.module))
+        elif isinstance(node, ast.Import):
+            found |= {file_of(alias.name) for alias in node.names}
+    return {name for name in found if name and name.split("/")[0] in ("maskco", "pipelines")} - {path}
+
+
+def test_every_import_follows_the_rooms_of_the_design():
+    where, allowed = rooms()
+    assert {"vocabulary", "data", "configuration", "method", "assembly", "tools"} <= set(allowed)
+    wrong = []
+    for path in sorted(modules()):
+        room = room_of(path, where)
+        for target in sorted(project_imports(path)):
+            other = room_of(target, where)
+            if other != room and "every room" not in allowed[room] and other not in allowed[room]:
+                wrong.append(f"{path} ({room}) imports {target} ({other})")
+    assert wrong == []
