@@ -49,29 +49,6 @@ class Run:
     prefetch: bool = False  # inputs one step ahead (maskco.step.Prefetcher)
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> bf16 on GPU, fp32 on CPU (CPU autocast is slower than fp32 for convs); else as given."""
-    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype of ``cfg.precision`` on ``device`` (None: no autocast)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[resolve_precision(cfg.precision, device)]
-
-
-def resolve_data(cfg: Config, local_rank: int) -> str:
-    """The data path; "sample" builds the sample set once per node (local rank 0) and reuses it."""
-    if cfg.data != "sample":
-        return cfg.data
-    from pipelines.sample_data import make_sample_data
-
-    if local_rank == 0:
-        make_sample_data(cfg.sample_dir, num_images=cfg.sample_images, seed=0)
-    if dist.is_distributed():
-        torch.distributed.barrier()
-    return cfg.sample_dir
-
-
 def key_batchnorm(encoder_k: torch.nn.Module, key_bn: str, device: torch.device, distributed: bool):
     """``key_bn=sync``: the key branch's BatchNorm takes the statistics of the whole global batch, every
     rank and every virtual GPU (SyncBatchNorm under DDP, one group in one process); the query branch
@@ -146,7 +123,7 @@ def build_run(cfg: Config, info: dist.DistInfo, steps_per_epoch: int) -> Run:
     model = encoder_q  # compile=true compiles the whole step (maskco.step.Step), this module inside it
     if dist.is_distributed():
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    precision_dtype = amp_dtype(cfg, device)
+    precision_dtype = dist.amp_dtype(cfg.precision, device)
     total_steps = cfg.epochs * steps_per_epoch  # the LR / momentum schedules always span all epochs
     run = Run(
         encoder_q=model, encoder_k=encoder_k, ema=KeyEncoderEMA(encoder_k, encoder_q), optimizer=optimizer,

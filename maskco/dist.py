@@ -1,4 +1,5 @@
-"""Distributed helpers: torchrun init (one plain process without it), gathers, shuffle-BN for the key branch.
+"""Distributed helpers: torchrun init (one plain process without it), the device's precision, gathers,
+shuffle-BN for the key branch.
 
 Every function works without a process group (one process), so the trainer has a single code path.
 """
@@ -13,6 +14,16 @@ import torch.distributed
 
 # newer torch renamed all_gather_into_tensor (same arguments) and warns on the old name; 2.11 has only the old
 _all_gather_single = getattr(torch.distributed, "all_gather_single", None) or torch.distributed.all_gather_into_tensor
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"auto" -> bf16 on GPU, fp32 on CPU (CPU autocast is slower than fp32 for convs); else as given."""
+    return ("bf16" if device.type == "cuda" else "fp32") if precision == "auto" else precision
+
+
+def amp_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` (a Config's) on ``device`` (None: no autocast)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[resolve_precision(precision, device)]
 
 
 class DistInfo(NamedTuple):

@@ -21,11 +21,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import pipelines
+from pipelines.sample_data import resolve_source
 from maskco import augment, cli
 from maskco.config import ConfigError, build_config
 from maskco.evaluate import localise
 from maskco.method import MethodSpec, ready_inputs
-from maskco.build import resolve_data
 
 POSITIVE, NEGATIVE, MASKED, PEAK = (40, 220, 40), (230, 40, 40), (250, 220, 0), (255, 255, 255)
 SHOWN_NEGATIVES = 4  # of the M negative boxes: drawn thin, so that the key view stays visible
@@ -203,8 +203,9 @@ def main(argv=None) -> int:
         cfg = build_config(parsed.config)
     cli.check_device(cfg.device)
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
+    source = resolve_source(cfg.data, cfg.sample_dir, cfg.sample_images)
     loader = pipelines.build_loader(
-        cfg.backend, resolve_data(cfg, 0), batch_size=max(images, 2), image_size=cfg.image_size, device=device,
+        cfg.backend, source, batch_size=max(images, 2), image_size=cfg.image_size, device=device,
         seed=cfg.seed, workers=0 if cfg.backend == "torch" else None, crop_scale=cfg.crop_scale,
         crop_ratio=cfg.crop_ratio, flip_prob=cfg.flip_prob,
     )

@@ -17,8 +17,9 @@ import torch
 
 import pipelines
 from pipelines import DataError
+from pipelines.sample_data import resolve_source
 from maskco import checkpoint, cli as grammar, dist
-from maskco.build import Run, amp_dtype, build_run, resolve_data
+from maskco.build import Run, build_run
 from maskco.config import Config, ConfigError, build_config, global_batch, method_label, peak_lr
 from maskco.engine import Diverged, LoopState, train
 from maskco.export import export_backbone
@@ -175,7 +176,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     log.write({"config": cfg.to_dict(), "git": git_revision(), "world_size": world_size, "device": str(device),
                "torch": torch.__version__, "global_batch": global_batch(cfg, world_size),
                "peak_lr": peak_lr(cfg, world_size), "presets": parsed.presets, "method": method_label(cfg),
-               "precision": {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype(cfg, device)],
+               "precision": dist.resolve_precision(cfg.precision, device),
                "out_dir_note": out_dir_note})
     if cfg.backend == "dali" and device.type != "cuda":
         log.write({"warning": "backend dali without a GPU: DALI decodes on the CPU here (as --backend=dali-cpu)"})
@@ -185,9 +186,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             log.write({"warning": f"removed {path}, a partial checkpoint left by a process that was killed"})
 
     # ---- data
+    source = resolve_source(cfg.data, cfg.sample_dir, cfg.sample_images, info.local_rank)
     loader = pipelines.build_loader(
-        cfg.backend, resolve_data(cfg, info.local_rank), batch_size=cfg.batch_size, image_size=cfg.image_size,
-        device=device, rank=info.rank, world_size=world_size, seed=cfg.seed,
+        cfg.backend, source, batch_size=cfg.batch_size, image_size=cfg.image_size, device=device, rank=info.rank,
+        world_size=world_size, seed=cfg.seed,
         workers=None if cfg.workers < 0 else cfg.workers, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
         flip_prob=cfg.flip_prob, strict_data=cfg.strict_data, timeout=cfg.data_timeout,
     )

@@ -187,6 +187,20 @@ def _check_only_ours(out_dir: str, manifest: dict) -> None:
                          f"({', '.join(sorted(found - ours)[:5])}); not replacing it")
 
 
+def resolve_source(data: str, sample_dir: str, sample_images: int, local_rank: int = 0) -> str:
+    """A run's data path: ``data``, or for ``"sample"`` the sample set, built once per node (by local rank 0,
+    the other ranks wait at a barrier under a process group) and reused."""
+    if data != "sample":
+        return data
+    if local_rank == 0:
+        make_sample_data(sample_dir, num_images=sample_images, seed=0)
+    import torch.distributed
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return sample_dir
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipelines.sample_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write the ImageFolder into (reused if complete)")

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 import pipelines
 from maskco import cli, dist
-from maskco.build import resolve_precision
+from maskco.dist import resolve_precision
 from maskco.evaluate.features import check_labels, images_and_labels, prepare_images, source_classes
 
 

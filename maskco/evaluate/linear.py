@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 import pipelines
 from maskco import checkpoint, cli, dist
-from maskco.build import resolve_precision
+from maskco.dist import resolve_precision
 from maskco.evaluate.features import (POOLINGS, PROTOCOLS, MultiLayerFeatures, check_labels, images_and_labels,
                                       source_classes)
 from maskco.evaluate.linear_augment import COLOR_JITTER, LIGHTING_STD, TrainAugment

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 import pipelines
+from pipelines.sample_data import resolve_source
 from maskco import checkpoint as checkpoint_lib
 from maskco import cli
-from maskco.build import resolve_data
 from maskco.config import Config, ConfigError, build_config, config_from_dict
 from maskco.method import MethodSpec, ready_inputs
 from maskco.model import AttentionMPH, Encoder, sine_position_embedding, unwrap
@@ -150,7 +150,8 @@ def localise(cfg: Config, encoder_q: Encoder, encoder_k: Encoder, images: int = 
     "chance": %}``; chance is
     the share of the key view's cell boxes centred in the positive box (a uniformly random peak)."""
     device = torch.device(device)
-    loader = pipelines.build_loader(cfg.backend, resolve_data(cfg, 0), batch_size=min(cfg.batch_size, images),
+    source = resolve_source(cfg.data, cfg.sample_dir, cfg.sample_images)
+    loader = pipelines.build_loader(cfg.backend, source, batch_size=min(cfg.batch_size, images),
                                     image_size=cfg.image_size, device=device, seed=cfg.seed, workers=workers,
                                     crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio, flip_prob=cfg.flip_prob)
     spec = task_spec(cfg)

@@ -187,7 +187,7 @@ def _load(probe) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from maskco.build import resolve_precision
+    from maskco.dist import resolve_precision
     from maskco.export import add_shape_arguments, load_backbone, random_backbone
     from pipelines.fmnist import DEFAULT_DIR
     from pipelines.mosaics import write_probe_sets
