@@ -126,12 +126,12 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
     SplitBatchNorm does the same); evaluation uses them as plain BatchNorm does. ``groups=1`` is plain
     BatchNorm2d.
 
-    How: the batch is copied to ``[N/G, G*C, H, W]`` (NCHW) for one call of the native BatchNorm kernel,
-    and the result copied back in the input's memory format. MoCo's ``view(N/G, G*C, H, W)`` needs no copy
-    but groups samples by ``n % G`` and only for NCHW; a ``var_mean`` on the ``[G, N/G, C, H, W]`` view
-    needs no copy either, but its forward and autograd backward cost more than the two copies (measured
-    on CPU, ResNet-18 x 0.25 at 32 px: 45 ms against 63 ms for the largest layer, channels_last input;
-    plain channels_last BatchNorm: 61 ms).
+    How: one native BatchNorm call per group on its slice of the batch (a slice along N is contiguous in
+    NCHW and in channels_last alike, so nothing is copied on the way in), each updating its own row of a
+    ``[G, C]`` copy of the running statistics, and one ``cat`` out (it keeps channels_last). Measured on
+    CPU, one thread, ResNet-18 x 0.25 at 32 px, batch 256, channels_last, forward + backward of the largest
+    layer: 22 ms, against 79 ms for copying the batch to ``[N/G, G*C, H, W]`` for a single call (the
+    previous way) and 28 ms for plain BatchNorm over the whole batch.
     """
 
     def __init__(self, num_features: int, groups: int = 1, **kwargs):
@@ -141,25 +141,22 @@ class GroupBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.groups == 1 or not self.training:
             return super().forward(x)
-        n, c, h, w = x.shape  # x: [N, C, H, W]
+        n, c = x.shape[:2]  # x: [N, C, H, W]
         g = self.groups
         if n % g:
             raise ValueError(f"a batch of {n} does not split into {g} virtual GPUs")
-        channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        side = x.reshape(g, n // g, c, h, w).transpose(0, 1).reshape(n // g, g * c, h, w)  # [N/G, G*C, H, W]
         track = self.track_running_stats
-        running = (self.running_mean.repeat(g), self.running_var.repeat(g)) if track else (None, None)  # [G*C]
-        weight, bias = (self.weight.repeat(g), self.bias.repeat(g)) if self.affine else (None, None)  # [G*C]
-        y = F.batch_norm(side.contiguous(), *running, weight, bias, True, self._momentum() if track else 0.0,
-                         self.eps)
-        if track:  # each group's running statistics moved as its own BatchNorm's would: keep their mean
+        momentum = self._momentum() if track else 0.0
+        # [G, C] each: group i's BatchNorm moves row i, as its own rank's BatchNorm would
+        running = (self.running_mean.repeat(g).view(g, c), self.running_var.repeat(g).view(g, c)) if track else None
+        parts = [F.batch_norm(part, running[0][i] if track else None, running[1][i] if track else None,
+                              self.weight, self.bias, True, momentum, self.eps)
+                 for i, part in enumerate(x.split(n // g))]  # G x [N/G, C, H, W]
+        if track:  # keep the mean of the groups' running statistics
             with torch.no_grad():
-                self.running_mean.copy_(running[0].view(g, c).mean(0))
-                self.running_var.copy_(running[1].view(g, c).mean(0))
-        y = y.view(n // g, g, c, h, w).transpose(0, 1).reshape(n, c, h, w)  # [N, C, H, W]
-        # two copies (NCHW, then NHWC) cost less than one into NHWC: torch's NHWC conversion is tuned,
-        # a strided copy that gathers C from H*W apart is not (measured on CPU)
-        return y.contiguous(memory_format=torch.channels_last) if channels_last else y
+                self.running_mean.copy_(running[0].mean(0))
+                self.running_var.copy_(running[1].mean(0))
+        return torch.cat(parts)  # [N, C, H, W], in the input's memory format
 
     def _momentum(self) -> float:
         self.num_batches_tracked.add_(1)
