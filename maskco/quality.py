@@ -121,17 +121,18 @@ def parse_args(argv):
 
 
 def trainer_args(args, variant: str, seed: int) -> list[str]:
-    """The trainer's argv for ``variant``: preset, variant, the user's overrides, then what the harness fixes."""
+    """The trainer's argv for ``variant``: preset, variant, the harness's defaults, the user's overrides, then
+    what the harness derives from them (a subset variant's epochs, from the epochs the user asked for)."""
     extra = [f"--queue_size={args.queue}"] if variant.startswith("mocov2") else []
-    data = args.splits["pretrain"]
+    data, derived = args.splits["pretrain"], []
     if variant in SUBSETS:  # fewer images, as many steps (and kNN points) as the others
         data = subset_list(data, SUBSETS[variant], os.path.join(args.out_dir, f"{variant}_images.txt"))
         base = build_config([args.config, *args.overrides])
         full = args.pretrain_images // base.batch_size
         epochs = max(1, round(base.epochs * full / (SUBSETS[variant] // base.batch_size)))
-        extra += [f"--epochs={epochs}", f"--knn_every={max(1, epochs // base.epochs)}"]
+        derived = [f"--epochs={epochs}", f"--knn_every={max(1, epochs // base.epochs) * base.knn_every}"]
     suffix = f"-seed{seed}" if len(args.seeds) > 1 else ""
-    return [args.config, *VARIANTS[variant], *extra, *args.overrides,
+    return [args.config, *VARIANTS[variant], *extra, *args.overrides, *derived,
             f"--data={data}", f"--knn_train={args.splits['train']}", f"--knn_val={args.splits['test']}",
             f"--seed={seed}", f"--out_dir={os.path.join(args.out_dir, variant + suffix)}", "--resume=none",
             "--export=true", "--max_steps=0"]
@@ -269,7 +270,8 @@ def over_seeds(rows: list[dict]) -> dict:
     merged["knn_curve"] = [[point[0], *[statistics.fmean(row["knn_curve"][i][j] for row in rows)
                                          for j in (1, 2)]] for i, point in enumerate(rows[0]["knn_curve"])]
     merged["seeds"] = [row.get("seed") for row in rows]
-    merged["knn_top1_spread"] = max(r["knn_top1"] for r in rows) - min(r["knn_top1"] for r in rows)
+    points = [r["knn_top1"] for r in rows if r.get("knn_top1") is not None]  # None: a run with no kNN point
+    merged["knn_top1_spread"] = max(points) - min(points) if points else None
     merged["per_seed"] = [{key: row.get(key) for key in ("seed", *METRICS)} for row in rows]
     merged.pop("seed", None)
     return merged

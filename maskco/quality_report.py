@@ -18,7 +18,7 @@ def table(rows: list[dict], settings: dict, seconds: float) -> str:
               _cell(row.get("region_knn_top1")), _cell(row.get("region_knn_top1_global")),
               _cell(row.get("localise_top1")), _cell(row.get("linear_last_res5")),
               *[_cell(row.get(f"linear_multi_{s}")) for s in STAGES],
-              f"{len(row.get('seeds', [0]))} ({row.get('knn_top1_spread', 0):.1f})",
+              f"{len(row.get('seeds', [0]))} ({row.get('knn_top1_spread') or 0:.1f})",
               f"{row['first_loss']:.2f}->{row['last_loss']:.2f}" if row.get("first_loss") is not None else "-",
               f"{row['seconds'] / 60:.1f}"] for row in rows]
     widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]

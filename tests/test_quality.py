@@ -13,6 +13,7 @@ import torch
 import pytest
 
 from maskco import quality
+from maskco.config import build_config
 from pipelines import fmnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -138,3 +139,21 @@ def test_supervised_classifier_is_the_runs_network_with_its_virtual_gpus():
     assert norms and all(m.groups == 8 for m in norms)
     assert classifier[1].in_features == 128  # ResNet-18 at width 0.25
     assert classifier(torch.zeros(16, 3, 32, 32)).shape == (16, 10)
+
+
+def test_a_subset_variant_keeps_the_steps_of_the_epochs_the_user_asked_for(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "pretrain" / "0"
+    folder.mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (28, 28)).save(folder / f"train_{i:05d}.png")
+    for asked in (None, 1):  # the preset's 4 epochs, or --epochs=1 given to make quality
+        args = quality.parse_args(["--variants=mocov2_3840", f"--out-dir={tmp_path}"]
+                                  + ([f"--epochs={asked}"] if asked else []))
+        args.config = quality.PRESETS["cpu"]["config"]
+        args.splits = {"pretrain": str(tmp_path / "pretrain"), "train": "t", "test": "v"}
+        cfg = build_config(quality.trainer_args(args, "mocov2_3840", 0))
+        epochs = asked or 4  # 234 steps of 256 per epoch on 60,000 images: 15 per epoch on 3,840
+        assert (cfg.epochs, cfg.knn_every) == (round(epochs * 234 / 15), round(epochs * 234 / 15) // epochs)
+        assert cfg.data.endswith("mocov2_3840_images.txt")
