@@ -37,7 +37,7 @@ from maskco.bench.baselines import baseline_loader, decode_ceiling
 from maskco.bench import capture
 from maskco.bench.figures import MODES, backend_figures, compile_figures, step_figures
 from maskco.bench.report import Rows, environment, report, targets
-from maskco.config import build_config
+from maskco.config import MOCOV2, build_config
 
 
 def main(argv=None) -> int:
@@ -70,6 +70,9 @@ def main(argv=None) -> int:
                         "hardware JPEG decoder (0.65: DALI's A100-era default; try 0.9 on an H100)")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled "
                         "modes (aot_eager: no code generation, for a quick check)")
+    parser.add_argument("--mocov2-queue", type=int, default=MOCOV2["queue_size"],
+                        help="the MoCo v2 step rows' queue (default: MoCo v2's 65,536; make quality's CPU "
+                             "preset: 4096)")
     parser.add_argument("--skip", default="", help="comma list of figures to skip: decode, baseline, loader, step, "
                         "e2e, roi, variants (the MaskCo / MoCo v2 step pairs)")
     parser.add_argument("--out-dir", default="runs/bench")
@@ -90,8 +93,8 @@ def main(argv=None) -> int:
     cfg = build_config([args.config] if args.config else [], base=dict(
         arch=args.arch, batch_size=args.batch_size, image_size=args.image_size,
         box_min_size=min(16.0, args.image_size / 8), workers=args.threads))
-    env = {**environment(device, args.threads), "arch": args.arch, "batch_size": args.batch_size,
-           "image_size": args.image_size}
+    env = {**environment(device, args.threads), "arch": cfg.arch, "batch_size": cfg.batch_size,
+           "image_size": cfg.image_size, "config": args.config or "defaults"}  # what the step figures ran
     print(json.dumps(env))
     rows = Rows(args.jsonl or os.path.join(args.out_dir, "bench.jsonl"), env)
     if args.compile_only:
@@ -107,7 +110,7 @@ def main(argv=None) -> int:
 
     if "step" not in skip:
         rows.add(step_figures(cfg, device, args.steps, args.repeats, modes, args.compile_backend,
-                              variants="variants" not in skip))
+                              variants="variants" not in skip, mocov2_queue=args.mocov2_queue))
     wanted = list(pipelines.BACKENDS) if args.backend == "all" else args.backend.split(",")
     available = pipelines.available_backends()
     for backend in wanted:

@@ -68,10 +68,10 @@ def synthetic_batch(batch_size: int, image_size: int, device) -> pipelines.Batch
 
 
 def step_figures(cfg, device, steps: int, repeats: int, modes=("eager",),
-                 compile_backend: str = "inductor", variants: bool = True):
+                 compile_backend: str = "inductor", variants: bool = True, mocov2_queue: int = MOCOV2["queue_size"]):
     """Yield each step figure the moment it is measured, the most wanted first: the whole step after the
     loader in each of ``modes``, then what the method's input side costs, then (``variants``) the MaskCo /
-    MoCo pairs."""
+    MoCo pairs (the MoCo v2 rows with a queue of ``mocov2_queue`` keys)."""
     batch = synthetic_batch(cfg.batch_size, cfg.image_size, device)
     # everything a step does after the loader, per execution mode: what end to end is compared with (the
     # GPU never waits when e2e reaches this); the first calls (compilation, graph capture) are untimed
@@ -94,8 +94,8 @@ def step_figures(cfg, device, steps: int, repeats: int, modes=("eager",),
         return
     # MaskCo with and without its MPH; MoCo v2 (faithful: no MPH, 65,536-key queue) and MoCo v2-like
     # with the MPH, so each MaskCo row has a same-network MoCo row (labels from config.method_label)
-    for changes in ({"mph": "attn"}, {"mph": "none"}, {**MOCOV2, "method": "mocov2"},
-                    {**MOCOV2, "method": "mocov2", "mph": "attn"}):
+    mocov2 = {**MOCOV2, "method": "mocov2", "queue_size": mocov2_queue}
+    for changes in ({"mph": "attn"}, {"mph": "none"}, mocov2, {**mocov2, "mph": "attn"}):
         variant = replace(cfg, **changes)
         runner = StepRunner(variant, device)
         noise = runner.draw(batch)
