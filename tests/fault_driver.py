@@ -42,17 +42,27 @@ def fail_in_loader() -> None:
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug in the user's augmentation (simulated)")
 
-    from pipelines import dali_loader, ffcv_loader, torch_loader
+    from pipelines import torch_loader
 
     poisoned = set(pipelines.epoch_shard(24, 4, 0, 1, seed=0, epoch=0)[(FAIL_AT - 1) * 4:FAIL_AT * 4].tolist())
     getitem = torch_loader.TwoViewDataset.__getitem__  # in a DataLoader worker process (or this one)
     torch_loader.TwoViewDataset.__getitem__ = lambda self, key: bug() if key[1] in poisoned else getitem(self, key)
-    run_pipeline = ffcv_loader._EpochThread.run_pipeline  # in FFCV's loading thread
-    ffcv_loader._EpochThread.run_pipeline = lambda self, b_ix, *args: (
-        bug() if b_ix == FAIL_AT - 1 else run_pipeline(self, b_ix, *args))
-    batch = dali_loader.DaliLoader._batch
-    dali_loader.DaliLoader._batch = lambda self, out, step, mine: (
-        bug() if step == FAIL_AT - 1 else batch(self, out, step, mine))
+    try:  # FFCV and DALI are optional: a machine without them runs the torch cells only
+        from pipelines import ffcv_loader
+    except ImportError:
+        ffcv_loader = None
+    if ffcv_loader is not None:
+        run_pipeline = ffcv_loader._EpochThread.run_pipeline  # in FFCV's loading thread
+        ffcv_loader._EpochThread.run_pipeline = lambda self, b_ix, *args: (
+            bug() if b_ix == FAIL_AT - 1 else run_pipeline(self, b_ix, *args))
+    try:
+        from pipelines import dali_loader
+    except ImportError:
+        dali_loader = None
+    if dali_loader is not None:
+        batch = dali_loader.DaliLoader._batch
+        dali_loader.DaliLoader._batch = lambda self, out, step, mine: (
+            bug() if step == FAIL_AT - 1 else batch(self, out, step, mine))
 
 
 def fail_in_checkpoint_write() -> None:
