@@ -64,15 +64,19 @@ def key_batchnorm(encoder_k: torch.nn.Module, key_bn: str, device: torch.device,
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(encoder_k)
 
 
+def encoder_of(cfg: Config) -> Encoder:
+    """A randomly initialised query encoder of ``cfg``'s shape (seed it first), on the CPU, plain BatchNorm."""
+    return Encoder(cfg.arch, dilated=cfg.dilated, mph=cfg.mph, mph_width=cfg.mph_width, mph_layers=cfg.mph_layers,
+                   mph_heads=cfg.mph_heads, head_hidden=cfg.head_hidden, head_dim=cfg.head_dim,
+                   roi_output_size=cfg.roi_output_size, roi_sampling_ratio=cfg.roi_sampling_ratio,
+                   roi_fused=cfg.roi_fused, roi_centering=cfg.roi_centering, stem=cfg.stem, width=cfg.width)
+
+
 def build_encoders(cfg: Config, device: torch.device, distributed: bool):
     """-> (encoder_q, encoder_k), bit-identical on every rank whatever each rank's RNG state."""
     with torch.random.fork_rng(devices=[]):  # the same init on every rank, without touching the caller's RNG
         torch.manual_seed(cfg.seed)
-        encoder_q = Encoder(cfg.arch, dilated=cfg.dilated, mph=cfg.mph, mph_width=cfg.mph_width,
-                            mph_layers=cfg.mph_layers, mph_heads=cfg.mph_heads, head_hidden=cfg.head_hidden,
-                            head_dim=cfg.head_dim, roi_output_size=cfg.roi_output_size,
-                            roi_sampling_ratio=cfg.roi_sampling_ratio, roi_fused=cfg.roi_fused,
-                            roi_centering=cfg.roi_centering, stem=cfg.stem, width=cfg.width)
+        encoder_q = encoder_of(cfg)
     # G virtual GPUs: BatchNorm per group of batch_size / G, in both encoders (the key copy inherits it)
     encoder_q = set_virtual_gpus(encoder_q, cfg.virtual_gpus) if cfg.virtual_gpus > 1 else encoder_q
     encoder_q = encoder_q.to(device)

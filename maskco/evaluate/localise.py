@@ -32,6 +32,7 @@ import pipelines
 from pipelines.sample_data import resolve_source
 from maskco import checkpoint as checkpoint_lib
 from maskco import cli
+from maskco.build import encoder_of
 from maskco.config import Config, ConfigError, build_config, config_from_dict
 from maskco.method import MethodSpec, ready_inputs
 from maskco.model import AttentionMPH, Encoder, sine_position_embedding, unwrap
@@ -58,11 +59,7 @@ def encoder_pair(cfg: Config, device: torch.device | str = "cpu", seed: int | No
     one random network as both encoders; seeded by ``seed``, else ``cfg.seed``)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed if seed is None else seed)
-        encoder_q = Encoder(cfg.arch, dilated=cfg.dilated, mph=cfg.mph, mph_width=cfg.mph_width,
-                            mph_layers=cfg.mph_layers, mph_heads=cfg.mph_heads, head_hidden=cfg.head_hidden,
-                            head_dim=cfg.head_dim, roi_output_size=cfg.roi_output_size,
-                            roi_sampling_ratio=cfg.roi_sampling_ratio, roi_fused=cfg.roi_fused,
-                            roi_centering=cfg.roi_centering, stem=cfg.stem, width=cfg.width)
+        encoder_q = encoder_of(cfg)
     encoder_q = encoder_q.to(device).eval()
     return encoder_q, copy.deepcopy(encoder_q)
 
