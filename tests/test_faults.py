@@ -170,7 +170,12 @@ def test_a_loader_worker_killed_ends_the_run(tmp_path, sample_root):
     assert ends(process) == 1
     (record,) = error_records(out_dir)
     assert "DataLoader worker" in record["error"]
-    assert_intact(out_dir, record["step"])
+    # torch reports a dead worker from its SIGCHLD handler, raised in the main thread between any two
+    # bytecodes: also while step N's checkpoint is being written (after the step was counted). Then the
+    # atomic write leaves step N - 1's checkpoint whole: nothing before the step in progress is lost.
+    saved = checkpoint.Store(out_dir).load_latest(lambda text: None)[1]["step"]
+    assert saved in (record["step"], record["step"] - 1), (saved, record)
+    assert_intact(out_dir, saved)
 
 
 def test_a_second_ctrl_c_gives_up_at_once_and_ends_every_worker(tmp_path, sample_root):
