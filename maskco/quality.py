@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     try:
         cfg = build_config([args.config, *args.overrides])
         args.splits = prepare_data(args)
-    except (ConfigError, DataError, ValueError) as error:
+    except (ConfigError, DataError, ValueError, OSError) as error:
         print(f"maskco.quality: error: {error}", file=sys.stderr)
         return 2
     os.makedirs(args.out_dir, exist_ok=True)

@@ -132,41 +132,56 @@ def _check(pretrain: int, train: int, test: int, sizes: tuple[int, int]) -> None
 def write_splits(out_dir: str, fmnist_dir: str = DEFAULT_DIR, pretrain: int = 3840, train: int = 2000,
                  test: int = 1000, seed: int = 0) -> dict[str, str]:
     """Write (or reuse) the three splits under ``out_dir``; -> {"pretrain", "train", "test"}: their folders."""
-    out_dir = os.path.abspath(os.path.expanduser(out_dir))
-    fmnist_dir = os.path.abspath(os.path.expanduser(fmnist_dir))
     settings = {"version": FORMAT_VERSION, "pretrain": int(pretrain), "train": int(train), "test": int(test),
-                "seed": int(seed), "source": _describe_source(fmnist_dir)}
-    folders = {split: os.path.join(out_dir, split) for split in ("pretrain", "train", "test")}
-    previous = read_marker(out_dir)
-    if previous == settings:
-        return folders
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and previous is None:
-        raise ValueError(f"{out_dir} is not empty and holds no {MARKER}; pick a new or empty folder")
+                "seed": int(seed)}
 
-    train_images, train_labels = load_split(fmnist_dir, "train")
-    test_images, test_labels = load_split(fmnist_dir, "t10k")
-    _check(pretrain, train, test, (len(train_images), len(test_images)))
-    picks = choose(train_labels, test_labels, pretrain, train, test, seed)
-    # Write into a sibling folder and rename it into place: an interrupted run never leaves folders
-    # that look complete (the marker is written last, inside the staging folder).
+    def fill(staging: str) -> None:
+        train_images, train_labels = load_split(fmnist_dir, "train")
+        test_images, test_labels = load_split(fmnist_dir, "t10k")
+        _check(pretrain, train, test, (len(train_images), len(test_images)))
+        picks = choose(train_labels, test_labels, pretrain, train, test, seed)
+        for split, (images, labels, prefix) in {"pretrain": (train_images, train_labels, "train"),
+                                               "train": (train_images, train_labels, "train"),
+                                               "test": (test_images, test_labels, "t10k")}.items():
+            for index in picks[split]:
+                folder = os.path.join(staging, split, *([] if labels is None else [CLASSES[labels[index]]]))
+                os.makedirs(folder, exist_ok=True)
+                Image.fromarray(images[index]).save(os.path.join(folder, f"{prefix}_{index:05d}.png"))
+
+    out_dir = publish(out_dir, fmnist_dir, MARKER, settings, fill)
+    return {split: os.path.join(out_dir, split) for split in ("pretrain", "train", "test")}
+
+
+def publish(out_dir: str, fmnist_dir: str, marker: str, settings: dict, fill) -> str:
+    """``fill(staging)`` writes the files into a sibling staging folder, the ``marker`` JSON of ``settings``
+    (plus the source files' sizes) goes in last, and the folder is renamed into place: an interrupted run
+    never leaves a folder that looks complete. Skipped when ``out_dir``'s marker already holds these
+    settings; a non-empty folder without our marker is refused. A symlinked ``out_dir`` is rewritten where
+    it points (the link stays). -> ``out_dir``, absolute."""
+    out_dir = os.path.realpath(os.path.expanduser(out_dir))
+    fmnist_dir = os.path.abspath(os.path.expanduser(fmnist_dir))
+    settings = {**settings, "source": _describe_source(fmnist_dir)}
+    previous = read_marker(out_dir, marker)
+    if previous == settings:
+        return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and previous is None:
+        raise ValueError(f"{out_dir} is not empty and holds no {marker}; pick a new or empty folder")
     staging = f"{out_dir}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
-    for split, (images, labels, prefix) in {"pretrain": (train_images, train_labels, "train"),
-                                           "train": (train_images, train_labels, "train"),
-                                           "test": (test_images, test_labels, "t10k")}.items():
-        for index in picks[split]:
-            folder = os.path.join(staging, split, *([] if labels is None else [CLASSES[labels[index]]]))
-            os.makedirs(folder, exist_ok=True)
-            Image.fromarray(images[index]).save(os.path.join(folder, f"{prefix}_{index:05d}.png"))
-    with open(os.path.join(staging, MARKER), "w", encoding="utf-8") as handle:
-        json.dump(settings, handle, indent=1)
+    os.makedirs(staging)
+    try:
+        fill(staging)
+        with open(os.path.join(staging, marker), "w", encoding="utf-8") as handle:
+            json.dump(settings, handle, indent=1)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     if previous is not None:
         shutil.rmtree(out_dir)  # ours (it holds our marker), written with other settings
     elif os.path.isdir(out_dir):
         os.rmdir(out_dir)  # empty (checked above)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
     os.replace(staging, out_dir)
-    return folders
+    return out_dir
 
 
 def _describe_source(fmnist_dir: str) -> dict:

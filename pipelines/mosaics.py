@@ -31,14 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import socket
 import sys
 
 import numpy as np
 from PIL import Image
 
-from pipelines.fmnist import DEFAULT_DIR, _describe_source, balanced, load_split, read_marker
+from pipelines.fmnist import DEFAULT_DIR, balanced, load_split, publish
 from pipelines.sources import DataError
 
 ITEM = 28  # px: a Fashion-MNIST image
@@ -93,7 +91,7 @@ def write_pretrain_mosaics(out_dir: str, fmnist_dir: str = DEFAULT_DIR, count: i
         for index, mosaic in enumerate(mosaics):
             Image.fromarray(mosaic).save(os.path.join(folder, f"mosaic_{index:06d}.png"))
 
-    out_dir = _publish(out_dir, fmnist_dir, settings, fill)
+    out_dir = publish(out_dir, fmnist_dir, MARKER, settings, fill)
     return os.path.join(out_dir, "pretrain")
 
 
@@ -115,7 +113,7 @@ def write_probe_sets(out_dir: str, fmnist_dir: str = DEFAULT_DIR, bank: int = 25
                                 labels=labels[items].astype(np.int64), items=items.astype(np.int64),
                                 boxes=item_boxes(), split=np.array(split))
 
-    out_dir = _publish(out_dir, fmnist_dir, settings, fill)
+    out_dir = publish(out_dir, fmnist_dir, MARKER, settings, fill)
     return {name: os.path.join(out_dir, f"{name}.npz") for name in PROBE_FILES}
 
 
@@ -133,36 +131,6 @@ def load_probe_set(path: str) -> dict[str, np.ndarray]:
                         f"{probe['images'].dtype} {list(probe['images'].shape)}, {list(probe['labels'].shape)} "
                         f"and {list(probe['boxes'].shape)}")
     return probe
-
-
-def _publish(out_dir: str, fmnist_dir: str, settings: dict, fill) -> str:
-    """``fill(staging)`` writes the files into a sibling staging folder, the marker goes in last, and the
-    folder is renamed into place (an interrupted run never leaves a folder that looks complete); skipped when
-    ``out_dir``'s marker already holds these settings. -> ``out_dir``, absolute."""
-    out_dir = os.path.abspath(os.path.expanduser(out_dir))
-    fmnist_dir = os.path.abspath(os.path.expanduser(fmnist_dir))
-    settings = {**settings, "source": _describe_source(fmnist_dir)}
-    previous = read_marker(out_dir, MARKER)
-    if previous == settings:
-        return out_dir
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and previous is None:
-        raise ValueError(f"{out_dir} is not empty and holds no {MARKER}; pick a new or empty folder")
-    staging = f"{out_dir}.tmp-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
-    try:
-        fill(staging)
-        with open(os.path.join(staging, MARKER), "w", encoding="utf-8") as handle:
-            json.dump(settings, handle, indent=1)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if previous is not None:
-        shutil.rmtree(out_dir)  # ours (it holds our marker), written with other settings
-    elif os.path.isdir(out_dir):
-        os.rmdir(out_dir)  # empty (checked above)
-    os.replace(staging, out_dir)
-    return out_dir
 
 
 def main(argv=None) -> int:

@@ -72,6 +72,20 @@ def test_splits_are_deterministic_disjoint_and_reused(tmp_path, fake_fmnist):
     assert os.stat(marker).st_mtime_ns == stamp  # reused, not rewritten
 
 
+def test_a_symlinked_splits_folder_is_rewritten_where_it_points(tmp_path, fake_fmnist):
+    """A data folder linked from elsewhere (a worktree sharing one copy) with older settings is rebuilt in
+    place: the link stays a link to the same folder, which now holds the new splits."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    fmnist.write_splits(str(real), fake_fmnist, pretrain=20, train=20, test=10)
+    os.symlink(real, link)
+    folders = fmnist.write_splits(str(link), fake_fmnist, pretrain=10, train=20, test=10)
+    assert os.path.islink(link) and os.readlink(link) == str(real)
+    assert fmnist.read_marker(str(real))["pretrain"] == 10
+    assert sum(len(files) for _, _, files in os.walk(folders["pretrain"])) == 10
+    assert folders["pretrain"].startswith(str(real))
+    assert not [name for name in os.listdir(tmp_path) if ".tmp-" in name]  # no staging left behind
+
+
 def test_missing_package_is_one_line_exit_2(tmp_path):
     command = [sys.executable, "-m", "maskco.quality", f"--fmnist-dir={tmp_path / 'none'}",
                f"--data-dir={tmp_path / 'data'}", f"--out-dir={tmp_path / 'out'}"]
