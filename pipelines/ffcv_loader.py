@@ -47,7 +47,7 @@ from ffcv.transforms import ToDevice, ToTensor
 from pipelines import CROP_RATIO, CROP_SCALE, Batch, check_common_args, check_position, default_workers, epoch_shard
 from pipelines.ffcv_ops import (HAS_LINEAR, INTERPOLATIONS, TwoViewDecoder, _cache_kernels_in, crop_rows,
                                 window_params)
-from pipelines.ffcv_writer import BetonInfo, check_beton
+from pipelines.ffcv_format import BetonInfo, check_beton
 from pipelines.sources import DataError, fingerprint
 
 ORDERS = {"random": OrderOption.RANDOM, "quasi_random": OrderOption.QUASI_RANDOM}

@@ -17,8 +17,8 @@ shrinking any image whose longer side exceeds ``max_resolution``. The file is wr
 temporary name and renamed when complete; a summary ends the run (and ``OUT.skipped.txt`` lists
 every skipped file with its reason).
 
-This module also reads the format back for the loader: :func:`check_beton` validates a file before
-FFCV's reader touches it, :func:`read_image` decodes one stored image like the loader does.
+Reading the format back (:func:`check_beton`, :func:`read_image`, :class:`BetonInfo`) lives in
+:mod:`pipelines.ffcv_format`; the three names are importable from here too.
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from pipelines import process_cpus
+from pipelines.ffcv_format import BetonInfo, check_beton, read_image  # noqa: F401 (callers import them from here too)
 from pipelines.sources import UNREADABLE, DataError, ImageList, list_images
 
 WRITE_MODES = ("jpg", "raw", "proportion")
@@ -92,19 +93,7 @@ def write_beton(
     images, skipped = list_source(source)
     summary = WriteSummary(out_path=os.path.abspath(out_path), skipped=skipped)
 
-    # ---- check every image with PIL before FFCV's writer sees it
-    paths, labels = [], []
-    checks = _map(_check_image, [(path, max_resolution) for path in images.paths], workers, progress)
-    for path, label, (reason, kind, width, height) in zip(images.paths, images.labels, checks):
-        if reason:
-            summary.skipped.append((path, reason))
-            continue
-        paths.append(path)
-        labels.append(label)
-        if kind:
-            summary.converted[kind] = summary.converted.get(kind, 0) + 1
-        if width * height > summary.largest[0] * summary.largest[1]:
-            summary.largest = (width, height)
+    paths, labels = _check_images(images, summary, max_resolution, workers, progress)
     if strict and summary.skipped:
         listing = "\n".join(f"  {path}: {reason}" for path, reason in summary.skipped)
         raise DataError(f"{len(summary.skipped)} unreadable file(s) or folder(s) in {source} (strict: "
@@ -133,13 +122,37 @@ def write_beton(
 
     summary.written, summary.bytes = len(paths), os.path.getsize(summary.out_path)
     summary.seconds = time.perf_counter() - start
+    _write_skipped_list(summary)
+    return summary
+
+
+def _check_images(images: ImageList, summary: WriteSummary, max_resolution: Optional[int], workers: int,
+                  progress: bool) -> tuple[list[str], list[int]]:
+    """Check every image with PIL before FFCV's writer sees it -> (paths, labels) of the readable ones;
+    the others go to ``summary.skipped``, conversions and the largest stored size to ``summary``."""
+    paths, labels = [], []
+    checks = _map(_check_image, [(path, max_resolution) for path in images.paths], workers, progress)
+    for path, label, (reason, kind, width, height) in zip(images.paths, images.labels, checks):
+        if reason:
+            summary.skipped.append((path, reason))
+            continue
+        paths.append(path)
+        labels.append(label)
+        if kind:
+            summary.converted[kind] = summary.converted.get(kind, 0) + 1
+        if width * height > summary.largest[0] * summary.largest[1]:
+            summary.largest = (width, height)
+    return paths, labels
+
+
+def _write_skipped_list(summary: WriteSummary) -> None:
+    """``OUT.skipped.txt``: every skipped file with its reason, or no such file when none was skipped."""
     skipped_file = f"{summary.out_path}.skipped.txt"
     if summary.skipped:
         with open(skipped_file, "w", encoding="utf-8") as handle:
             handle.writelines(f"{path}\t{reason}\n" for path, reason in summary.skipped)
     elif os.path.exists(skipped_file):
         os.remove(skipped_file)  # a stale list from an earlier run would mislead
-    return summary
 
 
 class _CheckedImages:
@@ -231,103 +244,6 @@ def _check_args(write_mode, max_resolution, jpeg_quality, compress_probability, 
         raise ValueError(f"compress_probability must be in [0, 1], got {compress_probability}")
     if workers is not None and workers < 1:
         raise ValueError(f"workers must be >= 1 or None, got {workers}")
-
-
-# ---- reading the format back (for the loader and the tests)
-
-@dataclass(frozen=True)
-class BetonInfo:
-    path: str
-    num_samples: int
-    field_names: list
-    image_field: str
-    label_field: Optional[str]  # the IntField named "label", else the first IntField, else None
-    images: np.ndarray  # [num_samples] FFCV image metadata: mode (0 jpg, 1 raw), width, height, data_ptr
-    sizes: np.ndarray  # [num_samples] bytes stored for each image
-    labels: Optional[np.ndarray]  # int64 [num_samples] of label_field, None without one
-
-
-def check_beton(path: str) -> BetonInfo:
-    """Validate the ``.beton`` file ``path`` (header, field table, metadata, allocation table) and
-    describe it; a missing, truncated or foreign file is a :class:`DataError`, before FFCV's reader
-    (or its compiled code, which does not check bounds) reads it."""
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.types import (ALLOC_TABLE_TYPE, CURRENT_VERSION, TYPE_ID_HANDLER, FieldDescType,
-                            HeaderType, get_metadata_type)
-
-    path = os.path.expanduser(str(path))
-    if not os.path.exists(path):
-        raise DataError(f"FFCV dataset {path} does not exist")
-    if os.path.isdir(path):
-        raise DataError(f"FFCV dataset {path} is a folder; the ffcv backend reads a .beton file "
-                        "(convert it: `make ffcv DATA=root OUT=out_dir` for a root holding train/ and val/, or "
-                        "`.venv/bin/python -m pipelines.ffcv_writer folder out.beton` for one folder)")
-    size = os.path.getsize(path)
-
-    def bad(why: str) -> DataError:
-        return DataError(f"{path} is not a readable FFCV .beton file: {why}")
-
-    if size < HeaderType.itemsize:
-        raise bad(f"{size} bytes, shorter than its header (truncated?)")
-    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
-    if int(header["version"]) != CURRENT_VERSION:
-        raise bad(f"format version {int(header['version'])}, expected {CURRENT_VERSION} (not a .beton file?)")
-    num_fields, num_samples = int(header["num_fields"]), int(header["num_samples"])
-    table_end = HeaderType.itemsize + num_fields * FieldDescType.itemsize
-    if not 0 < num_fields <= 64 or table_end > size:
-        raise bad(f"{num_fields} fields in a {size}-byte file (truncated or corrupt)")
-    descriptors = np.fromfile(path, dtype=FieldDescType, count=num_fields, offset=HeaderType.itemsize)
-    if any(TYPE_ID_HANDLER.get(int(t)) is None for t in descriptors["type_id"]):
-        raise bad(f"unknown field types {descriptors['type_id'].tolist()}")
-    names = [bytes(d["name"]).split(b"\0")[0].decode("ascii", "replace") for d in descriptors]
-    handlers = [TYPE_ID_HANDLER[int(d["type_id"])].from_binary(d["arguments"]) for d in descriptors]
-    image_fields = [n for n, h in zip(names, handlers) if isinstance(h, RGBImageField)]
-    int_fields = [n for n, h in zip(names, handlers) if isinstance(h, IntField)]
-    if not image_fields:
-        raise bad(f"no RGBImageField among its fields {names}")
-    metadata_type = get_metadata_type(handlers)
-    metadata_end = table_end + num_samples * metadata_type.itemsize
-    alloc_ptr = int(header["alloc_table_ptr"])
-    table_bytes = size - alloc_ptr
-    if num_samples < 1 or not metadata_end <= alloc_ptr <= size or table_bytes % ALLOC_TABLE_TYPE.itemsize:
-        raise bad(f"{num_samples} samples, allocation table at byte {alloc_ptr} of {size} "
-                  "(truncated or corrupt)")
-
-    metadata = np.fromfile(path, dtype=metadata_type, count=num_samples, offset=table_end)
-    images = metadata[f"f{names.index(image_fields[0])}"]
-    alloc = np.fromfile(path, dtype=ALLOC_TABLE_TYPE, offset=alloc_ptr)
-    order = np.argsort(alloc["ptr"])
-    ptrs, sizes = alloc["ptr"][order], alloc["size"][order]
-    slot = np.minimum(np.searchsorted(ptrs, images["data_ptr"]), max(len(ptrs) - 1, 0))
-    if len(ptrs) == 0 or (ptrs[slot] != images["data_ptr"]).any() or (ptrs + sizes > alloc_ptr).any():
-        raise bad("image data outside its allocation table (truncated or corrupt)")
-    raw_bytes = 3 * images["width"].astype(np.uint64) * images["height"].astype(np.uint64)
-    if ((images["width"] == 0) | (images["height"] == 0) | (images["mode"] > 1)).any() or \
-            (sizes[slot][images["mode"] == 1] < raw_bytes[images["mode"] == 1]).any():
-        raise bad("corrupt image metadata (size 0, unknown mode or raw data too short)")
-    label = "label" if "label" in int_fields else (int_fields[0] if int_fields else None)
-    labels = None if label is None else metadata[f"f{names.index(label)}"].astype(np.int64)
-    return BetonInfo(path, num_samples, names, image_fields[0], label, images, sizes[slot], labels)
-
-
-def read_image(path: str, index: int) -> np.ndarray:
-    """Decode stored image ``index`` of ``path`` exactly as the FFCV loader does -> uint8 [H, W, 3]."""
-    from ffcv.libffcv import imdecode
-
-    info = check_beton(path)
-    if not 0 <= index < info.num_samples:
-        raise ValueError(f"index must be in 0..{info.num_samples - 1}, got {index}")
-    meta = info.images[index]
-    height, width = int(meta["height"]), int(meta["width"])
-    data = np.memmap(info.path, dtype=np.uint8, mode="r")
-    blob = data[int(meta["data_ptr"]): int(meta["data_ptr"]) + int(info.sizes[index])]
-    if meta["mode"] == 1:  # raw
-        return np.array(blob[: 3 * height * width]).reshape(height, width, 3)
-    image = np.empty((height, width, 3), dtype=np.uint8)
-    blob = np.ascontiguousarray(blob)
-    if imdecode(blob, image, height, width, height, width, 0, 0, 1, 1, False, False) != 0:
-        raise DataError(f"{path}: stored image {index} is not a decodable JPEG")
-    return image
 
 
 # ---- command line
