@@ -70,6 +70,13 @@ def make_sample_data(
     # Write into a sibling temp folder and rename it into place, so an interrupted run never leaves
     # a folder that looks complete, and concurrent callers cannot see half-written images.
     staging = f"{out_dir}.tmp-{socket.gethostname()}-{os.getpid()}"
+    _write_dataset(staging, params, num_images, num_classes, seed, size)
+    return _publish(staging, out_dir, params)
+
+
+def _write_dataset(staging: str, params: dict, num_images: int, num_classes: int, seed: int,
+                   size: tuple[int, int]) -> None:
+    """Render every image into the fresh folder ``staging``, then the manifest (written last)."""
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     photos = [_load_photo(file) for _, file in SOURCES[:num_classes]]
@@ -85,6 +92,10 @@ def make_sample_data(
     with open(os.path.join(staging, MANIFEST), "w", encoding="utf-8") as handle:
         json.dump({"params": params, "files": files}, handle, indent=1)
 
+
+def _publish(staging: str, out_dir: str, params: dict) -> str:
+    """Rename the complete ``staging`` folder to ``out_dir``, unless another process got there first
+    with the same dataset -> ``out_dir``."""
     current = _read_manifest(out_dir)  # another process (a second rank) may have finished first
     if current is not None and current["params"] == params and _complete(out_dir, current):
         shutil.rmtree(staging, ignore_errors=True)
@@ -94,7 +105,7 @@ def make_sample_data(
             _check_only_ours(out_dir, current)
             shutil.rmtree(out_dir)
         elif os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty (checked above)
+            os.rmdir(out_dir)  # empty (make_sample_data checked)
         os.replace(staging, out_dir)
     except OSError:  # lost a race with another process writing the same dataset
         winner = _read_manifest(out_dir)
