@@ -41,6 +41,35 @@ from maskco.config import MOCOV2, build_config
 
 
 def main(argv=None) -> int:
+    args, device = _options(argv)
+    cfg = build_config([args.config] if args.config else [], base=dict(
+        arch=args.arch, batch_size=args.batch_size, image_size=args.image_size,
+        box_min_size=min(16.0, args.image_size / 8), workers=args.threads))
+    env = {**environment(device, args.threads), "arch": cfg.arch, "batch_size": cfg.batch_size,
+           "image_size": cfg.image_size, "config": args.config or "defaults"}  # what the step figures ran
+    print(json.dumps(env))
+    rows = Rows(args.jsonl or os.path.join(args.out_dir, "bench.jsonl"), env)
+    if args.compile_only:
+        rows.add(compile_figures(cfg, device, [args.e2e_mode] if args.compile_only == "prefetch" else args.modes,
+                                 args.compile_backend, prefetched=args.compile_only == "prefetch"))
+        return _captured(rows.rows)
+    # ---- data
+    root = args.data
+    if not root:
+        from pipelines.sample_data import make_sample_data
+
+        root = make_sample_data(os.path.join("data", f"bench{args.images}"), num_images=args.images)
+    # ---- figures, the most wanted first: step, each backend, the baselines
+    if "step" not in args.skip:
+        rows.add(step_figures(cfg, device, args.steps, args.repeats, args.modes, args.compile_backend,
+                              variants="variants" not in args.skip, mocov2_queue=args.mocov2_queue))
+    _backends(rows, args, cfg, device, root)
+    _baselines(rows, args, device, root)
+    # ---- report
+    return _finish(rows, args.out_dir, env)
+
+
+def _parser() -> cli.ArgumentParser:
     parser = cli.ArgumentParser(prog="python -m maskco.bench", description=__doc__.split("\n")[0])
     parser.add_argument("--backend", default="all", help="all | torch | ffcv | dali | dali-cpu (comma list)")
     parser.add_argument("--data", default="", help="ImageFolder root (default: a generated benchmark set)")
@@ -77,40 +106,31 @@ def main(argv=None) -> int:
                         "e2e, roi, variants (the MaskCo / MoCo v2 step pairs)")
     parser.add_argument("--out-dir", default="runs/bench")
     parser.add_argument("--jsonl", default="", help="where the rows go as measured (default: out_dir/bench.jsonl)")
+    return parser
+
+
+def _options(argv) -> tuple:
+    """(args, device): the options with the device's defaults filled in (batches, arch, steps, modes, e2e_mode)
+    and skip as a set; a mode the device cannot run is a usage error (exit 2)."""
+    parser = _parser()
     args = parser.parse_args(argv)
     args.batches = args.batches or max(8, 8 * args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    skip = set(filter(None, args.skip.split(",")))
-    modes = [m for m in (args.modes or ("eager,compiled,graphs" if device.type == "cuda" else "eager,compiled"))
-             .split(",") if m]
-    e2e_mode = args.e2e_mode or modes[-1]
-    bad = [m for m in modes + [e2e_mode] if m not in MODES or (m == "graphs" and device.type != "cuda")]
+    args.skip = set(filter(None, args.skip.split(",")))
+    args.modes = [m for m in (args.modes or ("eager,compiled,graphs" if device.type == "cuda" else "eager,compiled"))
+                  .split(",") if m]
+    args.e2e_mode = args.e2e_mode or args.modes[-1]
+    bad = [m for m in args.modes + [args.e2e_mode] if m not in MODES or (m == "graphs" and device.type != "cuda")]
     if bad:
         parser.error(f"--modes: {', '.join(bad)} cannot run here (eager, compiled; graphs needs CUDA)")
     args.arch = args.arch or ("resnet50" if device.type == "cuda" else "resnet18")
     args.steps = args.steps or (10 if device.type == "cuda" else 1)
-    cfg = build_config([args.config] if args.config else [], base=dict(
-        arch=args.arch, batch_size=args.batch_size, image_size=args.image_size,
-        box_min_size=min(16.0, args.image_size / 8), workers=args.threads))
-    env = {**environment(device, args.threads), "arch": cfg.arch, "batch_size": cfg.batch_size,
-           "image_size": cfg.image_size, "config": args.config or "defaults"}  # what the step figures ran
-    print(json.dumps(env))
-    rows = Rows(args.jsonl or os.path.join(args.out_dir, "bench.jsonl"), env)
-    if args.compile_only:
-        rows.add(compile_figures(cfg, device, [e2e_mode] if args.compile_only == "prefetch" else modes,
-                                 args.compile_backend, prefetched=args.compile_only == "prefetch"))
-        return _captured(rows.rows)
-    root = args.data
-    if not root:
-        from pipelines.sample_data import make_sample_data
+    return args, device
 
-        root = make_sample_data(os.path.join("data", f"bench{args.images}"), num_images=args.images)
-    from pipelines.sources import list_images
 
-    if "step" not in skip:
-        rows.add(step_figures(cfg, device, args.steps, args.repeats, modes, args.compile_backend,
-                              variants="variants" not in skip, mocov2_queue=args.mocov2_queue))
+def _backends(rows: Rows, args, cfg, device, root: str) -> None:
+    """Each wanted backend's loader, ready and end-to-end figures, or a row saying why it was skipped."""
     wanted = list(pipelines.BACKENDS) if args.backend == "all" else args.backend.split(",")
     available = pipelines.available_backends()
     for backend in wanted:
@@ -124,23 +144,33 @@ def main(argv=None) -> int:
         source = root
         if backend == "ffcv":
             source = args.ffcv_data or _beton(root, args.out_dir)
-        if "loader" not in skip:
+        if "loader" not in args.skip:
             # on a GPU the loader must outrun the step for many batches; on a CPU the step dominates
-            e2e_batches = 0 if "e2e" in skip else (args.batches if device.type == "cuda" else args.steps)
+            e2e_batches = 0 if "e2e" in args.skip else (args.batches if device.type == "cuda" else args.steps)
             options = {"hw_decoder_load": args.hw_decoder_load} if backend == "dali" else {}
             rows.add(backend_figures(backend, source, cfg, device, args.threads, args.batches, e2e_batches,
-                                     mode=e2e_mode, compile_backend=args.compile_backend, **options))
+                                     mode=args.e2e_mode, compile_backend=args.compile_backend, **options))
+
+
+def _baselines(rows: Rows, args, device, root: str) -> None:
+    """The decode ceiling, the reference MoCo v2 loader and the RoI pool / loss micro-benchmarks."""
+    from pipelines.sources import list_images
+
     paths = list_images(root).paths
-    if "decode" not in skip:
+    if "decode" not in args.skip:
         rows.add([{"figure": "decode", "name": "decode", **decode_ceiling(paths, args.threads, device, args.repeats)}])
-    if "baseline" not in skip:
+    if "baseline" not in args.skip:
         rows.add([{"figure": "baseline", "name": "baseline",
                    **baseline_loader(root, args.batch_size, args.image_size, args.threads, device, args.batches)}])
-    if "roi" not in skip:
+    if "roi" not in args.skip:
         rows.add([{"figure": "micro", "name": f"{r['group']} {r['impl']}", **r}  # latencies: ms per call, no rate
                   for r in micro.run(device, None if device.type == "cpu" else 20)])
+
+
+def _finish(rows: Rows, out_dir: str, env: dict) -> int:
+    """The table, the chart, the skipped figures and the targets; then the exit code (_captured)."""
     measured = [r for r in rows.rows if r["figure"] != "skipped"]
-    report(measured, args.out_dir, env)
+    report(measured, out_dir, env)
     for row in rows.rows:
         if row["figure"] == "skipped":
             print(f"skipped {row['name']}: {row['reason']}")
