@@ -46,7 +46,7 @@ from maskco.dist import resolve_precision
 from maskco.evaluate.features import (POOLINGS, PROTOCOLS, MultiLayerFeatures, check_labels, images_and_labels,
                                       source_classes)
 from maskco.evaluate.linear_augment import COLOR_JITTER, LIGHTING_STD, TrainAugment
-from maskco.export import add_shape_arguments, load_backbone, random_backbone
+from maskco.export import add_backbone_arguments, backbone_from_args, check_backbone_arguments
 from maskco.model import unwrap
 from maskco.runlog import RunLog, git_revision
 
@@ -182,10 +182,7 @@ def flat_accuracies(result: dict) -> dict:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="python -m maskco.evaluate.linear", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="pretraining checkpoint or exported torchvision backbone")
-    source.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised --arch (baseline)")
-    add_shape_arguments(parser)
+    add_backbone_arguments(parser, random_init_help="evaluate a randomly initialised --arch (baseline)")
     parser.add_argument("--train", required=True, help="labelled training split (ImageFolder root, .txt list, ...)")
     parser.add_argument("--val", required=True, help="labelled validation split")
     parser.add_argument("--num-classes", type=int, help="class count, for sources whose classes cannot be listed")
@@ -218,8 +215,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                           "8 digits>-<protocol>, one per backbone and protocol")
     parser.add_argument("--resume", default="auto", help="auto (out_dir/linear_last.pt if present), none, or a path")
     args = parser.parse_args(argv)
-    if args.random_init and not args.arch:
-        parser.error("--random-init needs --arch")
+    check_backbone_arguments(parser, args)
     for key, value in PROTOCOL_DEFAULTS[args.protocol].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -342,11 +338,7 @@ def main(argv: list[str] | None = None) -> dict:
     val_loader = pipelines.build_loader(args.backend, args.val, batch_size=per_rank, eval_mode=True, **common)
 
     # ---- model: frozen backbone, trainable heads
-    if args.random_init:
-        backbone = random_backbone(args.arch, args.stem or "imagenet", args.width or 1.0)
-    else:
-        backbone = load_backbone(args.checkpoint, args.arch)
-    features = MultiLayerFeatures(backbone.to(device), args.protocol, args.pooling, precision)
+    features = MultiLayerFeatures(backbone_from_args(args).to(device), args.protocol, args.pooling, precision)
     if device.type == "cuda":
         features.backbone.to(memory_format=torch.channels_last)
     shapes = {stage: list(shape) for stage, shape in features.shapes(args.image_size).items()}
