@@ -81,6 +81,29 @@ def add_shape_arguments(parser) -> None:
                         help="with --random-init: the channel multiplier (default 1); a checkpoint records its own")
 
 
+def add_backbone_arguments(parser, random_init_help: str = "a randomly initialised --arch (baseline)") -> None:
+    """``--checkpoint`` or ``--random-init`` (one of them required), then the shape arguments: the backbone an
+    evaluation tool measures. After parsing, :func:`check_backbone_arguments`; then :func:`backbone_from_args`."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="pretraining checkpoint or exported torchvision backbone")
+    source.add_argument("--random-init", action="store_true", help=random_init_help)
+    add_shape_arguments(parser)
+
+
+def check_backbone_arguments(parser, args) -> None:
+    """A random init has no checkpoint to read its arch from: it needs ``--arch`` (else exit 2, one line)."""
+    if args.random_init and not args.arch:
+        parser.error("--random-init needs --arch")
+
+
+def backbone_from_args(args) -> nn.Module:
+    """The backbone :func:`add_backbone_arguments`' flags name: a random init of that shape (the stem and
+    width default to imagenet and 1), or the checkpoint's (its arch checked against ``--arch`` if given)."""
+    if args.random_init:
+        return random_backbone(args.arch, args.stem or "imagenet", args.width or 1.0)
+    return load_backbone(args.checkpoint, args.arch)
+
+
 def describe(state_dict: Mapping) -> str:
     """A short human description of a ResNet-like state dict (block type and blocks per stage)."""
     if "conv1.weight" not in state_dict:

@@ -174,14 +174,10 @@ def knn_monitor(backbone: nn.Module, train_source: str, val_source: str, image_s
 
 
 def main(argv: list[str] | None = None) -> dict:
-
-    from maskco.export import add_shape_arguments, load_backbone, random_backbone
+    from maskco.export import add_backbone_arguments, backbone_from_args, check_backbone_arguments
 
     parser = cli.ArgumentParser(prog="python -m maskco.evaluate.knn", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="pretraining checkpoint or exported torchvision backbone")
-    source.add_argument("--random-init", action="store_true", help="a randomly initialised --arch (baseline)")
-    add_shape_arguments(parser)
+    add_backbone_arguments(parser)
     parser.add_argument("--train", required=True, help="labelled split for the memory bank")
     parser.add_argument("--val", required=True, help="labelled split to classify")
     parser.add_argument("--image-size", type=int, default=224)
@@ -196,14 +192,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
     parser.add_argument("--out", help="also write the result as JSON to this file")
     args = parser.parse_args(argv)
-    if args.random_init and not args.arch:
-        parser.error("--random-init needs --arch")
+    check_backbone_arguments(parser, args)
     info = dist.init_distributed(None if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
-    if args.random_init:
-        backbone = random_backbone(args.arch, args.stem or "imagenet", args.width or 1.0)
-    else:
-        backbone = load_backbone(args.checkpoint, args.arch)
+    backbone = backbone_from_args(args)
     result = knn_monitor(backbone.to(info.device), args.train, args.val, args.image_size, info.device,
                          args.batch_size, args.workers, info.rank, info.world_size, backend=args.backend,
                          k=args.k, temperature=args.temperature, precision=args.precision,

@@ -29,29 +29,29 @@ starts over). The default ``out_dir`` is one per checkpoint and protocol. Logs a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from collections import OrderedDict
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 import pipelines
 from maskco import checkpoint, cli, dist
 from maskco.dist import resolve_precision
-from maskco.evaluate.features import (POOLINGS, PROTOCOLS, MultiLayerFeatures, check_labels, images_and_labels,
-                                      source_classes)
+from maskco.evaluate.features import POOLINGS, PROTOCOLS, MultiLayerFeatures, source_classes
 from maskco.evaluate.linear_augment import COLOR_JITTER, LIGHTING_STD, TrainAugment
-from maskco.export import add_shape_arguments, load_backbone, random_backbone
+from maskco.evaluate.linear_checkpoint import FORMAT, LAST, default_out_dir, identity, resume_path, resume_state
+from maskco.evaluate.linear_heads import (LinearHeads, evaluate, flat_accuracies, make_optimizer, step_lr,
+                                          train_epoch)
+from maskco.evaluate.linear_heads import topk_correct  # noqa: F401  (re-exported: linear.topk_correct)
+from maskco.export import add_backbone_arguments, backbone_from_args, check_backbone_arguments
 from maskco.model import unwrap
 from maskco.runlog import RunLog, git_revision
 
-FORMAT = "maskco-linear-v2"  # v1: BatchNorm1d over the flattened features (before OpenSelfSup's BatchNorm2d)
-LAST = "linear_last.pt"
 PROTOCOL_DEFAULTS = {  # multilayer: lr and milestones [paper], the rest OpenSelfSup's r50_multihead.py; lastlayer: MoCo
     "multilayer": {"epochs": 90, "lr": 0.1, "weight_decay": 1e-4, "milestones": [30, 60], "nesterov": True,
                    "color_jitter": True, "lighting": True},
@@ -60,132 +60,9 @@ PROTOCOL_DEFAULTS = {  # multilayer: lr and milestones [paper], the rest OpenSel
 }
 
 
-class LinearHeads(nn.Module):
-    """One classifier per stage: ``{stage: [N, *shape]}`` -> ``{stage: [N, num_classes]}`` logits.
-
-    shapes: per-image feature shape per stage, (C, g, g) pooled maps or (C,) vectors (``features.shapes``).
-    batchnorm (the multi-layer protocol, OpenSelfSup's MultiClsHead): ``norm`` = BatchNorm2d(C,
-    affine=False, momentum=0.1) on the pooled map - statistics per channel over the batch and the g x g
-    positions - then ``flatten`` (C, g, g order) and ``fc``. It makes one learning rate fit features of
-    very different scales. Without it (lastlayer) the Linear takes the feature as it is. Weights start at
-    N(0, 0.01), biases at 0 (MultiClsHead.init_weights; MoCo's main_lincls does the same).
-    """
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]], num_classes: int, batchnorm: bool = True):
-        super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-        self.heads = nn.ModuleDict()
-        for stage, shape in shapes.items():
-            shape = (shape,) if isinstance(shape, int) else tuple(shape)
-            linear = nn.Linear(math.prod(shape), num_classes)
-            nn.init.normal_(linear.weight, std=0.01)
-            nn.init.zeros_(linear.bias)
-            if batchnorm:
-                norm = (nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d)(shape[0], momentum=0.1, affine=False)
-                self.heads[stage] = nn.Sequential(OrderedDict(norm=norm, flatten=nn.Flatten(), fc=linear))
-            else:
-                self.heads[stage] = nn.Sequential(nn.Flatten(), linear) if len(shape) > 1 else linear
-
-    def forward(self, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {stage: head(features[stage]) for stage, head in self.heads.items()}
-
-
-def make_optimizer(heads: nn.Module, lr: float, momentum: float, weight_decay: float,
-                   nesterov: bool) -> torch.optim.SGD:
-    """SGD over every parameter of ``heads``, all decayed: the Linear weights and biases. The norms have no
-    parameters (affine=False), so OpenSelfSup's ``norm_decay_mult=0`` has nothing to act on."""
-    if nesterov and momentum <= 0:
-        raise ValueError(f"Nesterov momentum needs momentum > 0, got {momentum} (or pass --no-nesterov)")
-    return torch.optim.SGD(heads.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay,
-                           nesterov=nesterov)
-
-
-def step_lr(epoch: int, lr: float, milestones) -> float:
-    """Learning rate of ``epoch`` (0-based): ``lr`` divided by 10 at each milestone reached."""
-    return lr * 0.1 ** sum(epoch >= milestone for milestone in milestones)
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
-    """How many rows have their label among the top-k logits, for each k: float [len(ks)]."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # [N, kmax]
-    hit = top == labels[:, None]  # [N, kmax]
-    return torch.stack([hit[:, :k].any(dim=1).sum() for k in ks]).float()
-
-
-def train_epoch(features: MultiLayerFeatures, heads: nn.Module, loader, optimizer: torch.optim.Optimizer,
-                device: torch.device, num_classes: int | None = None, log_every: int = 0,
-                on_log=None, augment=None) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean loss per stage (over steps and ranks). Only ``heads`` train.
-
-    augment: uint8 views -> normalised inputs for training (``TrainAugment``); None: normalisation only.
-
-    Every ``log_every`` steps (0: never) ``on_log({"step", "img_per_s", "loss_<stage>"...})`` is called;
-    only those steps read the losses back from the device.
-    """
-    features.train()  # the heads' BatchNorm trains; features.train() keeps the backbone in eval mode
-    heads.train()
-    stages = list(unwrap(heads).heads)
-    totals, steps, images_seen, began = None, 0, 0, time.time()
-    for step, (images, labels) in enumerate(images_and_labels(loader, "train")):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if step == 0:
-            check_labels(labels, num_classes, "train")
-        logits = heads(features(images, augment))  # {stage: [N, num_classes]}
-        losses = torch.stack([F.cross_entropy(value, labels) for value in logits.values()])  # [stages]
-        optimizer.zero_grad(set_to_none=True)
-        losses.sum().backward()
-        optimizer.step()
-        totals = losses.detach() if totals is None else totals + losses.detach()
-        steps, images_seen = steps + 1, images_seen + images.shape[0]
-        if on_log is not None and log_every and steps % log_every == 0:
-            # note: .tolist() is a CPU-GPU sync point, on log steps only
-            record = {f"loss_{stage}": value for stage, value in zip(stages, losses.tolist())}
-            on_log({"step": steps, "img_per_s": round(images_seen / (time.time() - began), 1), **record})
-    if totals is None:
-        raise ValueError("the train loader yielded no batches (fewer images than one batch?)")
-    mean = dist.all_reduce_mean(totals / steps)  # [stages], averaged over ranks
-    return {stage: value for stage, value in zip(stages, mean.tolist())}
-
-
-@torch.no_grad()
-def evaluate(features: MultiLayerFeatures, heads: nn.Module, loader, device: torch.device,
-             num_classes: int | None = None) -> dict:
-    """Top-1 / top-5 accuracy (%) per stage over ``loader`` (summed over ranks): ``{stage: {top1, top5}}``."""
-    features.eval()
-    heads.eval()
-    stages = list(unwrap(heads).heads)
-    correct = torch.zeros(len(stages), 2, device=device)  # [stages, (top1, top5)]
-    seen = torch.zeros((), device=device)
-    for step, (images, labels) in enumerate(images_and_labels(loader, "validation")):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        if step == 0:
-            check_labels(labels, num_classes, "validation")
-        logits = heads(features(images))
-        correct += torch.stack([topk_correct(logits[stage], labels) for stage in stages])
-        seen += labels.shape[0]
-    if dist.is_distributed():  # every rank saw its own shard
-        torch.distributed.all_reduce(correct)
-        torch.distributed.all_reduce(seen)
-    total = max(int(seen), 1)
-    result = {stage: {"top1": 100 * c[0].item() / total, "top5": 100 * c[1].item() / total}
-              for stage, c in zip(stages, correct)}
-    result["images"] = int(seen)
-    return result
-
-
-def flat_accuracies(result: dict) -> dict:
-    """``{stage: {top1, top5}, images}`` -> ``{stage_top1, stage_top5, val_images}`` for a log line."""
-    flat = {f"{stage}_{k}": v for stage, acc in result.items() if stage != "images" for k, v in acc.items()}
-    return {**flat, "val_images": result["images"]}
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = cli.ArgumentParser(prog="python -m maskco.evaluate.linear", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="pretraining checkpoint or exported torchvision backbone")
-    source.add_argument("--random-init", action="store_true", help="evaluate a randomly initialised --arch (baseline)")
-    add_shape_arguments(parser)
+    add_backbone_arguments(parser, random_init_help="evaluate a randomly initialised --arch (baseline)")
     parser.add_argument("--train", required=True, help="labelled training split (ImageFolder root, .txt list, ...)")
     parser.add_argument("--val", required=True, help="labelled validation split")
     parser.add_argument("--num-classes", type=int, help="class count, for sources whose classes cannot be listed")
@@ -218,8 +95,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                           "8 digits>-<protocol>, one per backbone and protocol")
     parser.add_argument("--resume", default="auto", help="auto (out_dir/linear_last.pt if present), none, or a path")
     args = parser.parse_args(argv)
-    if args.random_init and not args.arch:
-        parser.error("--random-init needs --arch")
+    check_backbone_arguments(parser, args)
     for key, value in PROTOCOL_DEFAULTS[args.protocol].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -252,105 +128,37 @@ def class_count(args: argparse.Namespace) -> int:
     return found if found is not None else args.num_classes
 
 
-# the settings that make two runs' heads different things (the epoch count is not: a rerun may extend it)
-PROTOCOL_KEYS = ("protocol", "pooling", "image_size", "lr", "milestones", "momentum", "nesterov", "weight_decay",
-                 "batch_size", "color_jitter", "lighting", "backend")
+@dataclasses.dataclass
+class Probe:
+    """What trains on the frozen features: the heads (DDP-wrapped under torchrun), their optimiser, and the
+    photometric part of the training views (None: normalisation only). shapes: per-stage feature shape."""
+    features: MultiLayerFeatures
+    heads: nn.Module
+    optimizer: torch.optim.SGD
+    augment: TrainAugment | None
+    shapes: dict[str, list[int]]
+    num_classes: int
 
 
-def identity(args: argparse.Namespace) -> dict:
-    """What the heads evaluate: the backbone (the checkpoint's SHA-256, with its path and size for the
-    reader, or a random init and its seed), the arch, the splits and the protocol settings. Stored with
-    the heads and in results.json; a resume must match it (:func:`resume_state`)."""
-    if args.checkpoint:
-        if not os.path.isfile(args.checkpoint):
-            raise ValueError(f"checkpoint {args.checkpoint} does not exist")
-        backbone = {"checkpoint": os.path.abspath(args.checkpoint), "bytes": os.path.getsize(args.checkpoint),
-                    "sha256": checkpoint.file_sha256(args.checkpoint)}
-    else:
-        backbone = {"checkpoint": None, "random_init_seed": args.seed}
-    return {**backbone, "arch": args.arch, "train": os.path.abspath(args.train), "val": os.path.abspath(args.val),
-            **{key: getattr(args, key) for key in PROTOCOL_KEYS}}
-
-
-def default_out_dir(args: argparse.Namespace, ident: dict) -> str:
-    """One folder per backbone and protocol, so a rerun on another checkpoint never resumes these heads."""
-    if ident["checkpoint"]:
-        folder = os.path.basename(os.path.dirname(ident["checkpoint"]))
-        name = f"{folder}-{os.path.splitext(os.path.basename(ident['checkpoint']))[0]}-{ident['sha256'][:8]}"
-    else:
-        name = f"random-{args.arch}-seed{args.seed}"
-    return os.path.join("runs", "linear", f"{name}-{args.protocol}")
-
-
-def _differences(stored: dict | None, ident: dict) -> list[str]:
-    if stored is None:
-        return ["no record of the backbone it evaluated (written by an older version)"]
-    return [f"{key}: heads {stored.get(key)!r} vs this run {ident.get(key)!r}" for key in ident
-            if key not in ("checkpoint", "bytes") and stored.get(key) != ident.get(key)]
-
-
-def resume_state(path: str, num_classes: int, shapes: dict[str, list[int]], protocol: str,
-                 ident: dict | None = None) -> dict:
-    """Load a heads checkpoint and refuse one trained for other classes, stages or feature shapes, or (with
-    ``ident``) for another backbone, split or protocol setting: its accuracy would be reported as this one's."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncated or foreign file
-        raise ValueError(f"linear checkpoint {path} is unreadable: {error}") from None
-    if isinstance(state, dict) and state.get("format") == "maskco-linear-v1":
-        raise ValueError(f"linear checkpoint {path} has the old heads (BatchNorm1d over flattened features, "
-                         "before OpenSelfSup's per-channel BatchNorm2d); use another --out-dir or --resume none")
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a linear-evaluation checkpoint (no format {FORMAT!r})")
-    if state["num_classes"] != num_classes:
-        raise ValueError(f"linear checkpoint {path} has heads for {state['num_classes']} classes, but the "
-                         f"train split has {num_classes}; use another --out-dir or --resume none")
-    if state["protocol"] != protocol or state["shapes"] != shapes:
-        raise ValueError(f"linear checkpoint {path} is for protocol {state['protocol']} with feature shapes "
-                         f"{state['shapes']}, this run is {protocol} with {shapes}; use another --out-dir or "
-                         "--resume none")
-    differences = _differences(state.get("identity"), ident) if ident is not None else []
-    if differences:
-        raise ValueError(f"linear checkpoint {path} holds heads of another evaluation ({'; '.join(differences)}); "
-                         "resuming would report their accuracy as this backbone's: use --resume none to start "
-                         "over, or another --out-dir (the default is one per checkpoint and protocol)")
-    return state
-
-
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
-    ident = identity(args)
-    args.out_dir = args.out_dir or default_out_dir(args, ident)
-    # ---- distributed + device
-    info = dist.init_distributed(None if args.device == "auto" else args.device)
-    device, world_size = info.device, info.world_size
-    if args.batch_size % world_size:
-        raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world_size} ranks")
-    precision = resolve_precision(args.precision, device)
-    torch.manual_seed(args.seed)  # same heads (and random backbone) on every rank
-    log = RunLog(args.out_dir, enabled=info.rank == 0)
-    log.write({"config": {**vars(args), "precision": precision}, "git": git_revision(), "world_size": world_size,
-               "device": str(device), "torch": torch.__version__})
-
-    # ---- data
-    num_classes = class_count(args)
-    common = dict(image_size=args.image_size, device=device, rank=info.rank, world_size=world_size,
+def build_loaders(args: argparse.Namespace, info: dist.DistInfo) -> tuple:
+    """Train (random-resized crop + flip) and validation (resize + centre crop) loaders of this rank's
+    shard, each rank taking ``batch_size / world_size`` images per step (main checked it divides)."""
+    common = dict(image_size=args.image_size, device=info.device, rank=info.rank, world_size=info.world_size,
                   seed=args.seed, workers=args.workers)
-    per_rank = args.batch_size // world_size
+    per_rank = args.batch_size // info.world_size
     train_loader = pipelines.build_loader(args.backend, args.train, batch_size=per_rank,
                                           crop_scale=(0.08, 1.0), **common)
     val_loader = pipelines.build_loader(args.backend, args.val, batch_size=per_rank, eval_mode=True, **common)
+    return train_loader, val_loader
 
-    # ---- model: frozen backbone, trainable heads
-    if args.random_init:
-        backbone = random_backbone(args.arch, args.stem or "imagenet", args.width or 1.0)
-    else:
-        backbone = load_backbone(args.checkpoint, args.arch)
-    features = MultiLayerFeatures(backbone.to(device), args.protocol, args.pooling, precision)
+
+def build_probe(args: argparse.Namespace, info: dist.DistInfo, precision: str, num_classes: int) -> Probe:
+    """The frozen backbone's features and the trainable heads on ``info.device``, with SGD and augmentation."""
+    device = info.device
+    features = MultiLayerFeatures(backbone_from_args(args).to(device), args.protocol, args.pooling, precision)
     if device.type == "cuda":
         features.backbone.to(memory_format=torch.channels_last)
     shapes = {stage: list(shape) for stage, shape in features.shapes(args.image_size).items()}
-    dims = features.dims(args.image_size)
     heads = LinearHeads(shapes, num_classes, batchnorm=args.protocol == "multilayer").to(device)
     if dist.is_distributed() and device.type == "cuda":  # torch's SyncBatchNorm runs on GPUs only
         heads = nn.SyncBatchNorm.convert_sync_batchnorm(heads)
@@ -361,53 +169,95 @@ def main(argv: list[str] | None = None) -> dict:
     if args.color_jitter or args.lighting:
         augment = TrainAugment(device, COLOR_JITTER if args.color_jitter else None,
                                LIGHTING_STD if args.lighting else 0.0, args.seed, info.rank)
+    return Probe(features, heads, optimizer, augment, shapes, num_classes)
 
-    # ---- resume, then train
-    last = os.path.join(args.out_dir, LAST)
-    resume = (last if os.path.exists(last) else None) if args.resume == "auto" else (
-        None if args.resume == "none" else args.resume)
-    start = 0
-    if resume:
-        state = resume_state(resume, num_classes, shapes, args.protocol, ident)
-        unwrap(heads).load_state_dict(state["heads"])
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["epoch"]
-        log.write({"resumed": resume, "epoch": start})
-    log.write({"dims": dims, "num_classes": num_classes, "steps_per_epoch": len(train_loader),
-               "val_steps": len(val_loader), "start_epoch": start})
-    result = {}
+
+def resume(args: argparse.Namespace, probe: Probe, ident: dict, log: RunLog) -> int:
+    """Load the heads and optimiser ``--resume`` names (checked: :func:`resume_state`) -> the epoch to start at."""
+    path = resume_path(args.resume, args.out_dir)
+    if not path:
+        return 0
+    state = resume_state(path, probe.num_classes, probe.shapes, args.protocol, ident)
+    unwrap(probe.heads).load_state_dict(state["heads"])
+    probe.optimizer.load_state_dict(state["optimizer"])
+    log.write({"resumed": path, "epoch": state["epoch"]})
+    return state["epoch"]
+
+
+def fit(args: argparse.Namespace, probe: Probe, train_loader, val_loader, info: dist.DistInfo, start: int,
+        log: RunLog, ident: dict) -> dict:
+    """Epochs ``start`` .. ``args.epochs``: lr of the epoch, train, validate (every ``eval_every`` and after
+    the last), one log line, the heads to ``out_dir/linear_last.pt`` (rank 0). -> the last validation."""
+    device, num_classes, result = info.device, probe.num_classes, {}
     for epoch in range(start, args.epochs):
         lr = step_lr(epoch, args.lr, args.milestones)
-        for group in optimizer.param_groups:
+        for group in probe.optimizer.param_groups:
             group["lr"] = lr
         train_loader.set_epoch(epoch)
-        if augment is not None:
-            augment.set_epoch(epoch)
+        if probe.augment is not None:
+            probe.augment.set_epoch(epoch)
         began = time.time()
-        losses = train_epoch(features, heads, train_loader, optimizer, device, num_classes, args.log_every,
-                             lambda record: log.write({"epoch": epoch + 1, **record}), augment)
+        losses = train_epoch(probe.features, probe.heads, train_loader, probe.optimizer, device, num_classes,
+                             args.log_every, lambda record: log.write({"epoch": epoch + 1, **record}), probe.augment)
         record = {"epoch": epoch + 1, "lr": lr, "seconds": round(time.time() - began, 1),
                   **{f"loss_{stage}": value for stage, value in losses.items()}}
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
-            result = evaluate(features, heads, val_loader, device, num_classes)
+            result = evaluate(probe.features, probe.heads, val_loader, device, num_classes)
             record.update(flat_accuracies(result))
         log.write(record)
         if info.rank == 0:
-            checkpoint.save_atomic({"format": FORMAT, "epoch": epoch + 1, "protocol": args.protocol, "shapes": shapes,
-                                    "num_classes": num_classes, "heads": unwrap(heads).state_dict(),
-                                    "optimizer": optimizer.state_dict(), "args": vars(args),
-                                    "identity": ident}, last)
+            checkpoint.save_atomic({"format": FORMAT, "epoch": epoch + 1, "protocol": args.protocol,
+                                    "shapes": probe.shapes, "num_classes": num_classes,
+                                    "heads": unwrap(probe.heads).state_dict(),
+                                    "optimizer": probe.optimizer.state_dict(), "args": vars(args),
+                                    "identity": ident}, os.path.join(args.out_dir, LAST))
     if not result:  # resumed after the last epoch: validate the finished heads once more
-        result = evaluate(features, heads, val_loader, device, num_classes)
+        result = evaluate(probe.features, probe.heads, val_loader, device, num_classes)
         log.write({"epoch": start, **flat_accuracies(result)})
+    return result
+
+
+def write_results(args: argparse.Namespace, ident: dict, result: dict) -> None:
+    """``out_dir/results.json``: what was evaluated (the backbone, protocol, epochs, identity) and the accuracies."""
+    with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as handle:
+        json.dump({"checkpoint": args.checkpoint or f"random init ({args.arch})", "protocol": args.protocol,
+                   "epochs": args.epochs, "identity": ident, **result}, handle, indent=1)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    ident = identity(args)
+    args.out_dir = args.out_dir or default_out_dir(args, ident)
+    # ---- distributed + device
+    info = dist.init_distributed(None if args.device == "auto" else args.device)
+    if args.batch_size % info.world_size:
+        raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {info.world_size} ranks")
+    precision = resolve_precision(args.precision, info.device)
+    torch.manual_seed(args.seed)  # same heads (and random backbone) on every rank
+    log = RunLog(args.out_dir, enabled=info.rank == 0)
+    log.write({"config": {**vars(args), "precision": precision}, "git": git_revision(),
+               "world_size": info.world_size, "device": str(info.device), "torch": torch.__version__})
+
+    # ---- data
+    num_classes = class_count(args)
+    train_loader, val_loader = build_loaders(args, info)
+
+    # ---- model: frozen backbone, trainable heads
+    probe = build_probe(args, info, precision, num_classes)
+
+    # ---- resume, then train
+    start = resume(args, probe, ident, log)
+    log.write({"dims": probe.features.dims(args.image_size), "num_classes": num_classes,
+               "steps_per_epoch": len(train_loader), "val_steps": len(val_loader), "start_epoch": start})
+    result = fit(args, probe, train_loader, val_loader, info, start, log, ident)
+
+    # ---- report
     if info.rank == 0:
-        with open(os.path.join(args.out_dir, "results.json"), "w", encoding="utf-8") as handle:
-            json.dump({"checkpoint": args.checkpoint or f"random init ({args.arch})", "protocol": args.protocol,
-                       "epochs": args.epochs, "identity": ident, **result}, handle, indent=1)
+        write_results(args, ident, result)
     log.close()
     for loader in (train_loader, val_loader):
         loader.close()
-    del heads, optimizer
+    del probe  # the DDP-wrapped heads, before the process group goes
     dist.shutdown()
     return result
 

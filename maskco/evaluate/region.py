@@ -188,15 +188,12 @@ def _load(probe) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     from maskco.dist import resolve_precision
-    from maskco.export import add_shape_arguments, load_backbone, random_backbone
+    from maskco.export import add_backbone_arguments, backbone_from_args, check_backbone_arguments
     from pipelines.fmnist import DEFAULT_DIR
     from pipelines.mosaics import write_probe_sets
 
     parser = cli.ArgumentParser(prog="python -m maskco.evaluate.region", description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="pretraining checkpoint or exported torchvision backbone")
-    source.add_argument("--random-init", action="store_true", help="a randomly initialised --arch (baseline)")
-    add_shape_arguments(parser)
+    add_backbone_arguments(parser)
     parser.add_argument("--image-size", type=int, default=32, help="the pretraining view size (default 32)")
     parser.add_argument("--probe-dir", default="data/mosaic_probe", help="where the probe sets are written (reused)")
     parser.add_argument("--fmnist-dir", default=DEFAULT_DIR, help="folder of the Fashion-MNIST IDX .gz files")
@@ -210,18 +207,14 @@ def main(argv: list[str] | None = None) -> dict:
                         help="also each item cropped alone and globally pooled (--no-global-baseline: half the time)")
     parser.add_argument("--out", help="also write the result as JSON to this file")
     args = parser.parse_args(argv)
-    if args.random_init and not args.arch:
-        parser.error("--random-init needs --arch")
+    check_backbone_arguments(parser, args)
     cli.check_device(args.device)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     # ---- data, then model, then the probe
     probe_sets = write_probe_sets(args.probe_dir, args.fmnist_dir, args.bank, args.query, args.seed)
     torch.manual_seed(args.seed)
-    if args.random_init:
-        backbone = random_backbone(args.arch, args.stem or "imagenet", args.width or 1.0)
-    else:
-        backbone = load_backbone(args.checkpoint, args.arch)
+    backbone = backbone_from_args(args)
     result = region_probe(backbone, probe_sets, args.image_size, device, args.batch_size,
                           precision=resolve_precision(args.precision, device), global_baseline=args.global_baseline)
     record = {"checkpoint": args.checkpoint or f"random init ({args.arch})", "image_size": args.image_size, **result}
