@@ -8,11 +8,11 @@ what makes the ranks agree.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
-from maskco import dist, step
+from maskco import dist, schedule, step
 from maskco.config import Config, ConfigError, global_batch, peak_lr
 from maskco.loss import KeyQueue
 from maskco.method import MethodSpec
@@ -20,20 +20,29 @@ from maskco.model import Encoder, KeyEncoderEMA, build_key_encoder, param_groups
 
 
 @dataclass
-class Run:
-    """The assembled pieces the loop needs (see maskco.engine.train)."""
+class Model:
+    """What training changes and a checkpoint holds: both encoders (the query one DDP-wrapped under a
+    process group), the EMA that moves the key encoder, the optimiser, the scaler and MoCo's queue."""
 
     encoder_q: torch.nn.Module
     encoder_k: torch.nn.Module
     ema: KeyEncoderEMA  # encoder_k <- encoder_q
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    spec: MethodSpec
     queue: Optional[KeyQueue]
     device: torch.device
     amp_dtype: Optional[torch.dtype]
-    rank: int
-    seed: int
+
+    def release(self) -> None:
+        """Drop DDP and the optimiser (before the process group goes, ``dist.shutdown``)."""
+        self.encoder_q = self.optimizer = self.ema = None
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's numbers over its steps: how long, the learning rate and EMA momentum at a step, and the
+    logging and checkpoint cadence."""
+
     epochs: int
     total_steps: int  # the schedule's length: all epochs
     stop_step: int  # where this invocation stops: total_steps, or max_steps if smaller
@@ -45,7 +54,31 @@ class Run:
     global_batch: int
     log_every: int
     ckpt_every: int
-    step: Any = None  # maskco.step.Step: draws a step's randomness and computes its loss (eager or compiled)
+
+    @classmethod
+    def from_config(cls, cfg: Config, world_size: int, steps_per_epoch: int) -> "Schedule":
+        total_steps = cfg.epochs * steps_per_epoch  # the LR / momentum schedules always span all epochs
+        return cls(epochs=cfg.epochs, total_steps=total_steps,
+                   stop_step=min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps,
+                   warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)), peak_lr=peak_lr(cfg, world_size),
+                   min_lr=cfg.min_lr, momentum=cfg.momentum, momentum_schedule=cfg.momentum_schedule,
+                   global_batch=global_batch(cfg, world_size), log_every=cfg.log_every, ckpt_every=cfg.ckpt_every)
+
+    def lr(self, step: int) -> float:
+        return schedule.cosine(step, self.total_steps, self.peak_lr, self.min_lr, self.warmup_steps)
+
+    def ema_momentum(self, step: int) -> float:
+        return schedule.ema_momentum(step, self.total_steps, self.momentum, self.momentum_schedule)
+
+
+@dataclass(frozen=True)
+class Run:
+    """The assembled pieces the loop needs (maskco.engine.train), each with one owner: the trained
+    state, the schedule, and the step function over that state."""
+
+    model: Model
+    schedule: Schedule
+    step: step.Step  # draws a step's randomness and computes its loss (eager or compiled)
     prefetch: bool = False  # inputs one step ahead (maskco.step.Prefetcher)
 
 
@@ -118,27 +151,22 @@ def build_queue(cfg: Config, device: torch.device) -> Optional[KeyQueue]:
 
 
 def build_run(cfg: Config, info: dist.DistInfo, steps_per_epoch: int) -> Run:
-    """Encoders (DDP-wrapped query under a process group), optimiser, scaler, queue and schedule numbers."""
+    """Encoders (DDP-wrapped query under a process group), optimiser, scaler, queue, schedule and step."""
     device = info.device
     check_compile(cfg, device)
     step.cuda_flags(device)  # the trainer's and the bench's: one compile cache serves both
     encoder_q, encoder_k = build_encoders(cfg, device, dist.is_distributed())
     optimizer = build_optimizer(cfg, encoder_q, device)
-    model = encoder_q  # compile=true compiles the whole step (maskco.step.Step), this module inside it
+    wrapped = encoder_q  # compile=true compiles the whole step (maskco.step.Step), this module inside it
     if dist.is_distributed():
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+        wrapped = torch.nn.parallel.DistributedDataParallel(encoder_q,
+                                                            device_ids=[device] if device.type == "cuda" else None)
     precision_dtype = dist.amp_dtype(cfg.precision, device)
-    total_steps = cfg.epochs * steps_per_epoch  # the LR / momentum schedules always span all epochs
-    run = Run(
-        encoder_q=model, encoder_k=encoder_k, ema=KeyEncoderEMA(encoder_k, encoder_q), optimizer=optimizer,
-        scaler=torch.amp.GradScaler(device.type, enabled=precision_dtype == torch.float16),
-        spec=MethodSpec.from_config(cfg, shuffle_bn=cfg.key_bn == "shuffle"), queue=build_queue(cfg, device),
-        device=device, amp_dtype=precision_dtype, rank=info.rank, seed=cfg.seed, epochs=cfg.epochs,
-        total_steps=total_steps, stop_step=min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps,
-        warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)), peak_lr=peak_lr(cfg, info.world_size),
-        min_lr=cfg.min_lr, momentum=cfg.momentum, momentum_schedule=cfg.momentum_schedule,
-        global_batch=global_batch(cfg, info.world_size), log_every=cfg.log_every, ckpt_every=cfg.ckpt_every,
-        prefetch=step.use_prefetch(cfg.prefetch, cfg.backend, device),
-    )
-    run.step = step.Step(run, compile=cfg.compile, mode=cfg.compile_mode, backend=cfg.compile_backend)
-    return run
+    scaler = torch.amp.GradScaler(device.type, enabled=precision_dtype == torch.float16)
+    model = Model(encoder_q=wrapped, encoder_k=encoder_k, ema=KeyEncoderEMA(encoder_k, encoder_q), optimizer=optimizer,
+                  scaler=scaler, queue=build_queue(cfg, device), device=device, amp_dtype=precision_dtype)
+    spec = MethodSpec.from_config(cfg, shuffle_bn=cfg.key_bn == "shuffle")
+    return Run(model=model, schedule=Schedule.from_config(cfg, info.world_size, steps_per_epoch),
+               step=step.Step(model, spec, seed=cfg.seed, rank=info.rank, compile=cfg.compile, mode=cfg.compile_mode,
+                              backend=cfg.compile_backend),
+               prefetch=step.use_prefetch(cfg.prefetch, cfg.backend, device))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from maskco import dist, schedule
+from maskco import dist
 from maskco.model import KeyEncoderEMA
 from maskco.step import Prefetcher, plain_steps
 
@@ -143,36 +143,34 @@ def optimise(value: torch.Tensor, optimizer, scaler, ema: KeyEncoderEMA, momentu
 
 
 def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) -> LoopState:
-    """Run from ``state`` to ``run.stop_step`` (the end of training, or max_steps) or a stop signal.
+    """Run from ``state`` to ``run.schedule.stop_step`` (the end of training, or max_steps) or a stop signal.
 
     run: the assembled pieces (see maskco.build.Run). Callbacks: on_log(record), on_checkpoint(state),
     on_epoch_end(state). Every checkpoint follows a log step, so a diverged loss is never saved.
     Raises :class:`Diverged` (on every rank) when the logged loss is not finite.
     """
-    device = run.device
+    model, plan = run.model, run.schedule
     steps_per_epoch = len(loader)
-    window = LogWindow(device)
+    window = LogWindow(model.device)
     agree = StopAgreement()
     skipped_before = state.skipped_images  # counted by earlier processes of this run (from the checkpoint)
     try:
         with StopRequest() as stop:
-            while state.epoch < run.epochs and state.step < run.stop_step and not state.stop_signal:
+            while state.epoch < plan.epochs and state.step < plan.stop_step and not state.stop_signal:
                 loader.set_epoch(state.epoch, skip_batches=state.step - state.epoch * steps_per_epoch)
                 # (batch, its step's randomness, its ready inputs made one step ahead or None)
-                steps = Prefetcher(loader, run.step, state.step, run.stop_step) if run.prefetch \
+                steps = Prefetcher(loader, run.step, state.step, plan.stop_step) if run.prefetch \
                     else plain_steps(loader, run.step, state.step)
                 tick = time.perf_counter()
                 for batch, noise, inputs in steps:
                     data_wait = time.perf_counter() - tick
-                    lr = schedule.cosine(state.step, run.total_steps, run.peak_lr, run.min_lr, run.warmup_steps)
-                    for group in run.optimizer.param_groups:
+                    lr, momentum = plan.lr(state.step), plan.ema_momentum(state.step)
+                    for group in model.optimizer.param_groups:
                         group["lr"] = lr
                     value, stats, keys = run.step.forward(batch, noise, inputs)
-                    momentum = schedule.ema_momentum(state.step, run.total_steps, run.momentum,
-                                                     run.momentum_schedule)
-                    optimise(value, run.optimizer, run.scaler, run.ema, momentum)
-                    if run.queue is not None:
-                        run.queue.enqueue(dist.concat_all_gather(keys.detach()))
+                    optimise(value, model.optimizer, model.scaler, model.ema, momentum)
+                    if model.queue is not None:
+                        model.queue.enqueue(dist.concat_all_gather(keys.detach()))
                     state.step += 1
                     window.add(value, stats, data_wait)
                     # ---- one decision: stop here (every rank at this step), and what to write
@@ -181,19 +179,11 @@ def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) ->
                     if agree(stop.signal != 0):
                         state.stop_signal = stop.signal or signal.SIGTERM
                     end_of_epoch = state.step % steps_per_epoch == 0
-                    checkpoint = end_of_epoch or bool(run.ckpt_every and state.step % run.ckpt_every == 0)
-                    done = state.step >= run.stop_step or bool(state.stop_signal)
-                    if checkpoint or done or state.step % run.log_every == 0:
-                        record = {"epoch": state.epoch, "step": state.step, "lr": lr, "momentum": momentum,
-                                  **window.record(loader.skipped, run.global_batch)}
-                        record["skipped_images"] += skipped_before
-                        state.skipped_images = record["skipped_images"]
-                        if not math.isfinite(record["loss"]):
-                            raise Diverged(f"the loss is {record['loss']} at step {state.step} (mean of steps "
-                                           f"{state.step - window.steps + 1}-{state.step}): training diverged")
-                        state.history.append((state.step, record["loss"]))
-                        on_log(record)
-                        window.reset()
+                    checkpoint = end_of_epoch or bool(plan.ckpt_every and state.step % plan.ckpt_every == 0)
+                    done = state.step >= plan.stop_step or bool(state.stop_signal)
+                    if checkpoint or done or state.step % plan.log_every == 0:
+                        on_log(log_record(state, window, loader.skipped, skipped_before, plan.global_batch,
+                                          lr=lr, momentum=momentum))
                     if end_of_epoch:
                         state.epoch += 1
                         on_epoch_end(state)
@@ -205,3 +195,18 @@ def train(run, loader, state: LoopState, on_log, on_checkpoint, on_epoch_end) ->
     finally:
         agree.close()
     return state
+
+
+def log_record(state: LoopState, window: LogWindow, skipped: int, skipped_before: int, global_batch: int,
+               **values) -> dict:
+    """The log step's record (``window``'s means over ranks; the window starts again), kept in
+    ``state.history``. Raises :class:`Diverged` when the mean loss is not finite."""
+    record = {"epoch": state.epoch, "step": state.step, **values, **window.record(skipped, global_batch)}
+    record["skipped_images"] += skipped_before
+    state.skipped_images = record["skipped_images"]
+    if not math.isfinite(record["loss"]):
+        raise Diverged(f"the loss is {record['loss']} at step {state.step} (mean of steps "
+                       f"{state.step - window.steps + 1}-{state.step}): training diverged")
+    state.history.append((state.step, record["loss"]))
+    window.reset()
+    return record

@@ -18,7 +18,10 @@ import tempfile
 import time
 import weakref
 
-from maskco.config import ConfigError
+
+
+class OutDirError(OSError):
+    """The output folder cannot be created or written (bad input: one line, exit 2, as a config error)."""
 
 
 def git_revision() -> str:
@@ -72,71 +75,11 @@ def check_writable(out_dir: str) -> None:
             pass
     except OSError as error:
         what = "is a file, not a folder" if os.path.isfile(out_dir) else f"is not writable ({error.strerror or error})"
-        raise ConfigError(f"out_dir {out_dir} {what}; choose another --out_dir") from None
-
-
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    if hours:
-        return f"{hours}h{minutes:02d}m{seconds:02d}s"
-    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
-
-
-def _loss(value) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
-def train_lines(record: dict, total_steps: int = 0) -> str | None:
-    """The trainer's records as a person reads them on a terminal (None: nothing to show)."""
-    r = record
-    if "config" in r:
-        c = r["config"]
-        presets = ", ".join(r.get("presets") or []) or "defaults"
-        return "\n".join([
-            f"run       {presets}: {r.get('method', c['method'])}, {c['arch']}, {c['image_size']} px, "
-            f"batch {c['batch_size']} x {r.get('world_size', 1)} process(es), {c['epochs']} epochs",
-            f"device    {r.get('device')} ({r.get('precision', c['precision'])}), world size {r.get('world_size', 1)}",
-            f"out_dir   {c['out_dir']}" + (f"  ({r['out_dir_note']})" if r.get("out_dir_note") else "")])
-    if "steps_per_epoch" in r:
-        images = f"{r['images']} images, " if r.get("images") is not None else ""
-        start = (f"resumed at step {r['start_step']} from {r['resumed_from']}" if r.get("resumed_from")
-                 else "fresh start")
-        return "\n".join([
-            f"data      {r.get('data')}: {images}backend {r.get('backend')}, {r['steps_per_epoch']} steps per epoch",
-            f"start     {start}; training to step {r['stop_step']} (of {r['total_steps']})"])
-    if "resumed_from" in r:
-        return None  # said by the start line
-    if "warning" in r:
-        return f"warning: {r['warning']}"
-    if "loss" in r and "step" in r:
-        line = (f"step {r['step']}/{total_steps or '?'}  loss {r['loss']:.2f}  img/s {r.get('img_per_s', 0):.0f}  "
-                f"data wait {100 * r.get('data_wait', 0):.0f} %")
-        return line + (f"  skipped images {r['skipped_images']}" if r.get("skipped_images") else "")
-    if "knn_top1" in r:
-        return f"epoch {r.get('epoch')}  kNN top-1 {r['knn_top1']:.1f} %"
-    if r.get("finished"):
-        where = f"checkpoint {r.get('checkpoint')}" + (f", backbone {r['exported']}" if r.get("exported") else "")
-        return (f"finished  {r['step']} steps in {_duration(r.get('seconds', 0))}; loss {_loss(r.get('first_loss'))}"
-                f" -> {_loss(r.get('last_loss'))}; {where}")
-    if "exported" in r:
-        return None  # said by the summary
-    if "interrupted" in r:
-        asked = f" (asked at step {r['asked_at_step']})" if r.get("asked_at_step") else ""
-        return (f"interrupted by {r['interrupted']}: stopped at step {r.get('step')}{asked}; checkpoint "
-                f"{r.get('checkpoint')}; {r.get('hint', '')}").rstrip("; ")
-    if "checkpoint" in r and "step" in r:
-        return f"saved     step {r['step']}: {r['checkpoint']}"
-    if "error" in r:
-        return None  # the one-line error on stderr says it
-    if "already_finished" in r:
-        return (f"already finished at step {r['already_finished']} ({r.get('out_dir')}); nothing to do: "
-                "use --resume=none or another --out_dir")
-    return "  ".join(f"{key} {value}" for key, value in r.items() if key != "time")[:300] or None
+        raise OutDirError(f"out_dir {out_dir} {what}; choose another --out_dir") from None
 
 
 class RunLog:
-    """``lines``: record -> text for a terminal (e.g. :func:`train_lines`); without it stdout gets JSON.
+    """``lines``: record -> text for a terminal (e.g. ``maskco.trainlog.lines``); without it stdout gets JSON.
     ``json_stdout``: JSON on stdout even so (None: when stdout is not a terminal). ``hold``: see above."""
 
     def __init__(self, out_dir: str, enabled: bool = True, tensorboard: bool = False, lines=None,

@@ -23,7 +23,7 @@ from typing import Iterator, Optional
 import torch
 
 from maskco import augment, vocab
-from maskco.method import Inputs, Noise, draw_noise, inputs_from_noise, loss_from_inputs
+from maskco.method import Inputs, MethodSpec, Noise, draw_noise, inputs_from_noise, loss_from_inputs
 
 COMPILE_MODES, PREFETCH = vocab.COMPILE_MODES, vocab.PREFETCH
 GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the modes that capture CUDA graphs
@@ -46,14 +46,17 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 class Step:
     """A run's step function: draws the randomness of a step and computes its loss, eagerly or compiled.
 
-    run: maskco.build.Run. compile: torch.compile the forward (ready inputs + query and key forward +
-    logits + loss; AOTAutograd compiles the backward), with ``mode`` and ``backend``. Graph-captured
-    modes (``reduce-overhead``) replay the compiled forward and backward as CUDA graphs; the optimiser
-    step, the EMA and the queue update stay outside (see docs/DESIGN.md 5.1 for why).
+    model: maskco.build.Model (the encoders, the queue, the device and autocast dtype it reads); spec:
+    the method's values; seed, rank: the randomness of step s is drawn from (seed, s, rank). compile:
+    torch.compile the forward (ready inputs + query and key forward + logits + loss; AOTAutograd compiles
+    the backward), with ``mode`` and ``backend``. Graph-captured modes (``reduce-overhead``) replay the
+    compiled forward and backward as CUDA graphs; the optimiser step, the EMA and the queue update stay
+    outside (see docs/DESIGN.md 5.1 for why).
     """
 
-    def __init__(self, run, compile: bool = False, mode: str = "default", backend: str = "inductor"):
-        self.run, self.spec, self.device = run, run.spec, run.device
+    def __init__(self, model, spec: MethodSpec, seed: int, rank: int, compile: bool = False, mode: str = "default",
+                 backend: str = "inductor"):
+        self.model, self.spec, self.seed, self.rank, self.device = model, spec, seed, rank, model.device
         self.generator = torch.Generator(device=self.device)  # boxes, augmentation, mask noise: per rank
         self.shuffle_generator = torch.Generator(device=self.device)  # shuffle-BN: identical on every rank
         # made once, before any compilation: a graph that made them would hold a host-to-device copy
@@ -73,8 +76,8 @@ class Step:
 
     def draw(self, step: int, n: int, box_dtype=torch.float32) -> Noise:
         """Every random tensor of global step ``step`` for ``n`` images: the same whatever the mode."""
-        self.generator.manual_seed(step_seed(self.run.seed, step, self.run.rank))
-        self.shuffle_generator.manual_seed(step_seed(self.run.seed, step, 0))
+        self.generator.manual_seed(step_seed(self.seed, step, self.rank))
+        self.shuffle_generator.manual_seed(step_seed(self.seed, step, 0))
         return draw_noise(self.spec, n, self.device, self.generator, self.shuffle_generator, box_dtype)
 
     def forward(self, batch, noise: Noise, inputs: Optional[Inputs] = None):
@@ -82,7 +85,7 @@ class Step:
         None: made here, inside the same compiled graph as the rest."""
         if self.graphs:  # a new iteration of the captured graphs: the last step's outputs may be reused
             torch.compiler.cudagraph_mark_step_begin()
-        negatives = self.run.queue.negatives() if self.run.queue is not None else None
+        negatives = self.model.queue.negatives() if self.model.queue is not None else None
         if inputs is None:
             return self._forward(batch.view_q, batch.view_k, batch.crop_q, batch.crop_k, noise, negatives)
         return self._loss(inputs, noise.shuffle, negatives)
@@ -96,9 +99,9 @@ class Step:
         return inputs_from_noise(_Views(view_q, view_k, crop_q, crop_k), self.spec, noise, self.mean_std)
 
     def _eager_loss(self, inputs: Inputs, permutation, negatives):
-        run = self.run
-        with torch.autocast(self.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            return loss_from_inputs(run.encoder_q, run.encoder_k, inputs, self.spec, permutation, negatives)
+        model = self.model
+        with torch.autocast(self.device.type, dtype=model.amp_dtype, enabled=model.amp_dtype is not None):
+            return loss_from_inputs(model.encoder_q, model.encoder_k, inputs, self.spec, permutation, negatives)
 
     def _eager_forward(self, view_q, view_k, crop_q, crop_k, noise: Noise, negatives):
         inputs = self._eager_ready(view_q, view_k, crop_q, crop_k, noise)  # fp32: autocast is off inside

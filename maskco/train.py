@@ -18,20 +18,20 @@ import torch
 import pipelines
 from pipelines import DataError
 from pipelines.sample_data import resolve_source
-from maskco import checkpoint, cli as grammar, dist
+from maskco import checkpoint, cli as grammar, dist, trainlog
 from maskco.build import Run, build_run
-from maskco.config import Config, ConfigError, build_config, global_batch, method_label, peak_lr
+from maskco.config import Config, ConfigError, build_config
 from maskco.engine import Diverged, LoopState, train
 from maskco.export import export_backbone
 from maskco.model import unwrap
-from maskco.runlog import RunLog, abandon_unstarted, git_revision, signal_name, train_lines
+from maskco.runlog import OutDirError, RunLog, abandon_unstarted, git_revision
 
 
 EXIT_DIVERGED = 3  # the loss or the weights stopped being finite (README: exit codes)
 EXIT_CRASH = 1  # an unexpected exception, as Python itself exits on one
 EXIT_SIGINT = 130  # a second Ctrl-C: given up at once, without a checkpoint of this step
 # bad input or a bad checkpoint: one line, exit 2, no traceback
-KNOWN_ERRORS = (DataError, checkpoint.CheckpointError, ConfigError, ImportError)
+KNOWN_ERRORS = (DataError, checkpoint.CheckpointError, ConfigError, OutDirError, ImportError)
 
 
 SUMMARY = """MaskCo pretraining: presets (later ones win), then config keys (later ones win). Resumes from
@@ -41,14 +41,15 @@ or with --json). Example: python -m maskco.train cpu_demo --epochs=1"""
 
 
 def checkpoint_state(cfg: Config, run: Run, state: LoopState, steps_per_epoch: int, data: dict) -> dict:
+    model = run.model
     return {
         "format": checkpoint.FORMAT, "config": cfg.to_dict(), "git": git_revision(),
         "epoch": state.epoch, "step": state.step, "steps_per_epoch": steps_per_epoch,
         "world_size": dist.get_world_size(), "batch_size": cfg.batch_size, "data": data,
         "skipped_images": state.skipped_images,
-        "encoder_q": unwrap(run.encoder_q).state_dict(), "encoder_k": run.encoder_k.state_dict(),
-        "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-        "queue": run.queue.state_dict() if run.queue is not None else None,
+        "encoder_q": unwrap(model.encoder_q).state_dict(), "encoder_k": model.encoder_k.state_dict(),
+        "optimizer": model.optimizer.state_dict(), "scaler": model.scaler.state_dict(),
+        "queue": model.queue.state_dict() if model.queue is not None else None,
         "rng": checkpoint.rng_state(),
     }
 
@@ -113,15 +114,16 @@ def restore(cfg: Config, run: Run, path: str, state: Optional[dict], steps_per_e
     comes before anything is loaded."""
     if state is None:
         state = checkpoint.load(path, verify=False)  # verified on rank 0 by find_resume
+    model = run.model
     checkpoint.check_compatible(state, cfg.to_dict(), path)
-    check_precision(state, run.scaler, path)
-    step = resume_position(state, path, data, run.global_batch, steps_per_epoch, log)
-    unwrap(run.encoder_q).load_state_dict(state["encoder_q"])
-    run.encoder_k.load_state_dict(state["encoder_k"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scaler.load_state_dict(state["scaler"])
-    if run.queue is not None and state.get("queue") is not None:
-        run.queue.load_state_dict(state["queue"])
+    check_precision(state, model.scaler, path)
+    step = resume_position(state, path, data, run.schedule.global_batch, steps_per_epoch, log)
+    unwrap(model.encoder_q).load_state_dict(state["encoder_q"])
+    model.encoder_k.load_state_dict(state["encoder_k"])
+    model.optimizer.load_state_dict(state["optimizer"])
+    model.scaler.load_state_dict(state["scaler"])
+    if model.queue is not None and state.get("queue") is not None:
+        model.queue.load_state_dict(state["queue"])
     checkpoint.set_rng_state(state["rng"])
     log.write({"resumed_from": path, "epoch": state["epoch"], "step": step})
     return LoopState(epoch=state["epoch"], step=step, skipped_images=state.get("skipped_images", 0))
@@ -166,102 +168,116 @@ def main(argv: Optional[list[str]] = None) -> int:
         grammar.check_device(cfg.device)
     except ConfigError as error:
         return grammar.fail("maskco.train", error)
-    # ---- distributed + device
-    info = dist.init_distributed(None if cfg.device == "auto" else cfg.device,
-                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout))
-    device, world_size = info.device, info.world_size
-    torch.manual_seed(cfg.seed + info.rank)  # per-rank host randomness; the models are seeded in maskco.build
-    log = RunLog(cfg.out_dir, enabled=info.rank == 0, tensorboard=cfg.tensorboard, lines=train_lines,
-                 json_stdout=True if parsed.options["json"] else None, hold=True)
-    log.write({"config": cfg.to_dict(), "git": git_revision(), "world_size": world_size, "device": str(device),
-               "torch": torch.__version__, "global_batch": global_batch(cfg, world_size),
-               "peak_lr": peak_lr(cfg, world_size), "presets": parsed.presets, "method": method_label(cfg),
-               "precision": dist.resolve_precision(cfg.precision, device),
-               "out_dir_note": out_dir_note})
-    if cfg.backend == "dali" and device.type != "cuda":
-        log.write({"warning": "backend dali without a GPU: DALI decodes on the CPU here (as --backend=dali-cpu)"})
-    store = checkpoint.Store(cfg.out_dir, keep=cfg.keep_checkpoints, warn=lambda text: log.write({"warning": text}))
-    if info.rank == 0:
-        for path in store.remove_stale():
-            log.write({"warning": f"removed {path}, a partial checkpoint left by a process that was killed"})
-
-    # ---- data
-    source = resolve_source(cfg.data, cfg.sample_dir, cfg.sample_images, info.local_rank)
-    loader = pipelines.build_loader(
-        cfg.backend, source, batch_size=cfg.batch_size, image_size=cfg.image_size, device=device, rank=info.rank,
-        world_size=world_size, seed=cfg.seed,
-        workers=None if cfg.workers < 0 else cfg.workers, crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio,
-        flip_prob=cfg.flip_prob, strict_data=cfg.strict_data, timeout=cfg.data_timeout,
-    )
-    steps_per_epoch = len(loader)
-    data = {"backend": cfg.backend, **loader.fingerprint()}
-
-    # ---- model, optimiser: identical on every rank (maskco.build)
-    run = build_run(cfg, info, steps_per_epoch)
-    total_steps, stop_step = run.total_steps, run.stop_step
-
-    # ---- resume, then train
-    state = LoopState()
-    resume, stored = find_resume(cfg, store, log)
-    if resume:
-        state = restore(cfg, run, resume, stored, steps_per_epoch, data, log)
-    del stored  # the encoders and the optimiser hold what is needed of it
-    if state.step >= stop_step:  # a finished run: say so and touch nothing (no log lines, no new exports)
-        log.discard()
-        log.show({"already_finished": state.step, "out_dir": cfg.out_dir, "checkpoint": resume})
-        _finish(run, log)
+    trainer = Trainer(cfg, parsed, out_dir_note)
+    state, resumed_from = trainer.resume()
+    if state.step >= trainer.run.schedule.stop_step:  # finished: say so, touch nothing (no log lines, no export)
+        trainer.log.discard()
+        trainer.log.show({"already_finished": state.step, "out_dir": cfg.out_dir, "checkpoint": resumed_from})
+        trainer.finish()
         return 0
-    log.write({"steps_per_epoch": steps_per_epoch, "total_steps": total_steps, "stop_step": stop_step,
-               "start_step": state.step, "resumed_from": resume, "data": cfg.data, "backend": cfg.backend,
-               "images": data["images"]})
+    return trainer.train(state, resumed_from)
 
-    def save(loop_state: LoopState) -> None:
-        if not weights_finite(run.encoder_q):  # on every rank: DDP keeps them equal, and all must stop
-            raise Diverged(f"the weights are not finite after step {loop_state.step}: training diverged")
+
+class Trainer:
+    """One invocation of the trainer, assembled: the process group, the log, the checkpoint store, the
+    loader and the run (``maskco.build``); then resume, the loop with its checkpoint and epoch-end
+    callbacks, and the records that say how it ended."""
+
+    def __init__(self, cfg: Config, parsed, out_dir_note: str):
+        self.cfg = cfg
+        self.info = info = dist.init_distributed(None if cfg.device == "auto" else cfg.device,
+                                                 timeout=datetime.timedelta(seconds=cfg.dist_timeout))
+        torch.manual_seed(cfg.seed + info.rank)  # per-rank host randomness; the models are seeded in maskco.build
+        self.log = RunLog(cfg.out_dir, enabled=info.rank == 0, tensorboard=cfg.tensorboard, lines=trainlog.lines,
+                          json_stdout=True if parsed.options["json"] else None, hold=True)
+        self.log.write(trainlog.header(cfg, parsed.presets, info.world_size, info.device, out_dir_note))
+        if cfg.backend == "dali" and info.device.type != "cuda":
+            self.warn("backend dali without a GPU: DALI decodes on the CPU here (as --backend=dali-cpu)")
+        self.store = checkpoint.Store(cfg.out_dir, keep=cfg.keep_checkpoints, warn=self.warn)
         if info.rank == 0:
-            path = store.save(checkpoint_state(cfg, run, loop_state, steps_per_epoch, data), loop_state.step)
-            log.write({"checkpoint": path, "step": loop_state.step})
+            for path in self.store.remove_stale():
+                self.warn(f"removed {path}, a partial checkpoint left by a process that was killed")
+        source = resolve_source(cfg.data, cfg.sample_dir, cfg.sample_images, info.local_rank)
+        self.loader = pipelines.build_loader(
+            cfg.backend, source, batch_size=cfg.batch_size, image_size=cfg.image_size, device=info.device,
+            rank=info.rank, world_size=info.world_size, seed=cfg.seed, workers=None if cfg.workers < 0 else cfg.workers,
+            crop_scale=cfg.crop_scale, crop_ratio=cfg.crop_ratio, flip_prob=cfg.flip_prob,
+            strict_data=cfg.strict_data, timeout=cfg.data_timeout)
+        self.steps_per_epoch = len(self.loader)
+        self.data = {"backend": cfg.backend, **self.loader.fingerprint()}
+        self.run = build_run(cfg, info, self.steps_per_epoch)  # identical on every rank
 
-    def epoch_end(loop_state: LoopState) -> None:
-        save(loop_state)
-        if cfg.knn_every and loop_state.epoch % cfg.knn_every == 0:
-            log.write({"epoch": loop_state.epoch, "step": loop_state.step, **knn(cfg, run, info)})
+    def warn(self, text: str) -> None:
+        self.log.write({"warning": text})
 
-    log.start_progress(stop_step, state.step)
-    began, first_step = time.perf_counter(), state.step
-    try:
-        state = train(run, loader, state, log.write, save, epoch_end)
-    except Diverged as error:
-        message = (f"{error}; nothing from it was saved, the last good checkpoint is "
-                   f"{checkpoint.latest(cfg.out_dir) or 'none'} (try a lower base_lr, or bf16/fp32 instead of fp16)")
-        log.write({"diverged": True, "error": message})
-        if info.rank == 0:
-            print(f"maskco.train: error: {message}", file=sys.stderr)
-        _finish(run, log)
-        return EXIT_DIVERGED
-    except BaseException as error:  # a crash, or a second Ctrl-C: into the log with its step, then up to cli()
-        if state.step > first_step or not isinstance(error, KNOWN_ERRORS):  # bad input at once: as if at start
-            log.record_failure(failure_record(error, state.step, info.rank))
-        error.during_training = True  # this rank's own: said by this rank (cli)
-        raise
-    finally:
-        loader.close()  # its workers end now, whatever happened (pipelines.close_all is the backstop)
-    done = state.step >= stop_step and not state.stop_signal
-    exported = None
-    if done and cfg.export and info.rank == 0:
-        # torchvision's file where torchvision can hold the backbone, else backbone.pth with its shape
-        exported = export_backbone(unwrap(run.encoder_q).state_dict(), cfg.out_dir, cfg.arch, cfg.stem, cfg.width)
-        log.write({"exported": exported, "arch": cfg.arch, "stem": cfg.stem, "width": cfg.width})
-    if state.stop_signal:
-        log.write({"interrupted": signal_name(state.stop_signal), "asked_at_step": state.stop_asked_at,
-                   "step": state.step, "checkpoint": store.last, "hint": "run the same command again to resume"})
-    if done:
-        losses = [loss for _, loss in state.history]
-        log.write({"finished": True, "step": state.step, "first_loss": losses[0] if losses else None,
-                   "last_loss": losses[-1] if losses else None, "seconds": round(time.perf_counter() - began, 1),
-                   "checkpoint": store.last, "exported": exported})
-    _finish(run, log)
-    return 128 + int(state.stop_signal) if state.stop_signal else 0
+    def resume(self) -> tuple[LoopState, Optional[str]]:
+        """-> (where training continues, the checkpoint it continues from or None)."""
+        path, stored = find_resume(self.cfg, self.store, self.log)
+        if not path:
+            return LoopState(), None
+        return restore(self.cfg, self.run, path, stored, self.steps_per_epoch, self.data, self.log), path
+
+    def train(self, state: LoopState, resumed_from: Optional[str]) -> int:
+        """The loop from ``state`` -> the exit code; a crash goes into the log with its step, then up."""
+        cfg, log = self.cfg, self.log
+        log.write(trainlog.start(cfg, self.steps_per_epoch, self.run.schedule, state.step, resumed_from,
+                                 self.data["images"]))
+        log.start_progress(self.run.schedule.stop_step, state.step)
+        began, first_step = time.perf_counter(), state.step
+        try:
+            state = train(self.run, self.loader, state, log.write, self.save, self.epoch_end)
+        except Diverged as error:
+            message = (f"{error}; nothing from it was saved, the last good checkpoint is "
+                       f"{checkpoint.latest(cfg.out_dir) or 'none'} (try a lower base_lr, or bf16/fp32 instead of "
+                       "fp16)")
+            log.write({"diverged": True, "error": message})
+            if self.info.rank == 0:
+                print(f"maskco.train: error: {message}", file=sys.stderr)
+            self.finish()
+            return EXIT_DIVERGED
+        except BaseException as error:  # a crash, or a second Ctrl-C: into the log with its step, then up to cli()
+            if state.step > first_step or not isinstance(error, KNOWN_ERRORS):  # bad input at once: as if at start
+                log.record_failure(failure_record(error, state.step, self.info.rank))
+            error.during_training = True  # this rank's own: said by this rank (cli)
+            raise
+        finally:
+            self.loader.close()  # its workers end now, whatever happened (pipelines.close_all is the backstop)
+        return self.report(state, time.perf_counter() - began)
+
+    def save(self, state: LoopState) -> None:
+        if not weights_finite(self.run.model.encoder_q):  # on every rank: DDP keeps them equal, and all must stop
+            raise Diverged(f"the weights are not finite after step {state.step}: training diverged")
+        if self.info.rank == 0:
+            path = self.store.save(checkpoint_state(self.cfg, self.run, state, self.steps_per_epoch, self.data),
+                                   state.step)
+            self.log.write({"checkpoint": path, "step": state.step})
+
+    def epoch_end(self, state: LoopState) -> None:
+        self.save(state)
+        if self.cfg.knn_every and state.epoch % self.cfg.knn_every == 0:
+            self.log.write({"epoch": state.epoch, "step": state.step, **knn(self.cfg, self.run, self.info)})
+
+    def report(self, state: LoopState, seconds: float) -> int:
+        """The export and the records of how the loop ended -> the exit code (128 + a stop signal)."""
+        cfg, log = self.cfg, self.log
+        done = state.step >= self.run.schedule.stop_step and not state.stop_signal
+        exported = None
+        if done and cfg.export and self.info.rank == 0:
+            # torchvision's file where torchvision can hold the backbone, else backbone.pth with its shape
+            exported = export_backbone(unwrap(self.run.model.encoder_q).state_dict(), cfg.out_dir, cfg.arch,
+                                       cfg.stem, cfg.width)
+            log.write({"exported": exported, "arch": cfg.arch, "stem": cfg.stem, "width": cfg.width})
+        if state.stop_signal:
+            log.write(trainlog.interrupted(state, self.store.last))
+        if done:
+            log.write(trainlog.finished(state, seconds, self.store.last, exported))
+        self.finish()
+        return 128 + int(state.stop_signal) if state.stop_signal else 0
+
+    def finish(self) -> None:
+        self.log.close()
+        self.run.model.release()  # drop DDP and the optimiser before the process group goes
+        dist.shutdown()
 
 
 def failure_record(error: BaseException, step: int, rank: int) -> dict:
@@ -275,21 +291,14 @@ def failure_record(error: BaseException, step: int, rank: int) -> dict:
     return {"error": text, "type": type(error).__name__, "step": step, "rank": rank}
 
 
-def _finish(run: Run, log: RunLog) -> None:
-    log.close()
-    run.encoder_q = run.optimizer = None  # drop DDP and the optimiser before the process group goes
-    del run
-    dist.shutdown()
-
-
 def knn(cfg: Config, run: Run, info) -> dict:
     """The kNN monitor on the query backbone (top-1 on knn_val with knn_train as the memory bank)."""
     from maskco.evaluate.knn import knn_monitor
 
     if not (cfg.knn_train and cfg.knn_val):
         raise ConfigError("knn_every needs knn_train and knn_val (labelled splits)")
-    result = knn_monitor(unwrap(run.encoder_q).backbone, cfg.knn_train, cfg.knn_val, image_size=cfg.image_size,
-                         device=run.device, batch_size=cfg.batch_size,
+    result = knn_monitor(unwrap(run.model.encoder_q).backbone, cfg.knn_train, cfg.knn_val, image_size=cfg.image_size,
+                         device=run.model.device, batch_size=cfg.batch_size,
                          workers=None if cfg.workers < 0 else cfg.workers, rank=info.rank, world_size=info.world_size)
     return {f"knn_{k}": v for k, v in result.items()}
 

@@ -17,7 +17,8 @@ import torch
 
 from maskco import cli
 from maskco.config import ConfigError, build_config, valid_keys
-from maskco.runlog import signal_name, train_lines
+from maskco.runlog import signal_name
+from maskco.trainlog import lines as train_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}

@@ -50,6 +50,25 @@ def test_bad_values_say_what_was_expected_in_words(tmp_path):
     assert result.returncode == 2 and "cannot write --out=" in one_error_line(result, "maskco.show")
 
 
+def test_an_output_folder_that_cannot_be_written_is_an_io_error_in_one_line(tmp_path):
+    """A folder that cannot be written is an OSError of its own (not a config error), and every tool that
+    logs into one says it in one line, exit 2 (the trainer above; the linear evaluation here)."""
+    from maskco.config import ConfigError
+    from maskco.runlog import OutDirError, check_writable
+
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    try:
+        check_writable(str(a_file))
+    except OutDirError as error:
+        assert isinstance(error, OSError) and not isinstance(error, ConfigError)
+    else:
+        raise AssertionError("check_writable accepted a file")
+    result = run(sys.executable, "-m", "maskco.evaluate.linear", "--random-init", "--arch=resnet18",
+                 f"--train={tmp_path}", f"--val={tmp_path}", f"--out-dir={a_file}", "--device=cpu")
+    assert result.returncode == 2 and "is a file, not a folder" in one_error_line(result, "maskco.evaluate.linear")
+
+
 def test_the_configuration_and_the_command_line_load_no_torch():
     # the run's vocabulary is the ground floor (maskco.vocab): reading a config needs none of the method
     code = ("import sys, maskco.config, maskco.cli; "

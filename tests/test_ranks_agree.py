@@ -25,9 +25,10 @@ SMALL = [*TINY, "--queue_size=64", "--device=cpu"]  # the trainer tests' tiny mo
 
 
 def _snapshot(run) -> dict:
-    state = {f"q.{name}": t.detach().clone() for name, t in unwrap(run.encoder_q).state_dict().items()}
-    state.update({f"k.{name}": t.detach().clone() for name, t in run.encoder_k.state_dict().items()})
-    state["queue"] = run.queue.buffer.clone()
+    model = run.model
+    state = {f"q.{name}": t.detach().clone() for name, t in unwrap(model.encoder_q).state_dict().items()}
+    state.update({f"k.{name}": t.detach().clone() for name, t in model.encoder_k.state_dict().items()})
+    state["queue"] = model.queue.buffer.clone()
     return state
 
 
@@ -36,17 +37,16 @@ def _worker(local_rank: int, init_file: str, data: str, out_dir: str) -> None:
     info = dist.init_distributed(device="cpu", init_method=f"file://{init_file}",
                                  timeout=datetime.timedelta(seconds=90))
     torch.manual_seed(1000 + info.rank)  # the ranks' host RNGs differ, as in the trainer (seed + rank)
-    cfg = build_config([*SMALL, f"--data={data}"])
+    cfg = build_config([*SMALL, f"--data={data}", "--max_steps=3"])
     loader = pipelines.build_loader("torch", data, batch_size=cfg.batch_size, image_size=cfg.image_size,
                                     device=info.device, rank=info.rank, world_size=WORLD_SIZE, seed=cfg.seed,
                                     workers=0)
     run = build_run(cfg, info, len(loader))
     torch.save(_snapshot(run), os.path.join(out_dir, f"built_{info.rank}.pt"))
-    run.stop_step = 3
     nothing = lambda _: None  # noqa: E731
     engine.train(run, loader, engine.LoopState(), nothing, nothing, nothing)
     torch.save(_snapshot(run), os.path.join(out_dir, f"trained_{info.rank}.pt"))
-    run.encoder_q = run.optimizer = None
+    run.model.release()
     del run
     dist.shutdown()
 

@@ -40,9 +40,9 @@ def test_the_drawn_noise_gives_what_the_generator_functions_give():
     for name, changes in VARIANTS.items():
         run = build_run(small(**changes), ONE, steps_per_epoch=10)
         batch = synthetic_batch(8, 64, "cpu")
-        drawn = ready_inputs(batch, run.spec, torch.Generator().manual_seed(7))
-        noise = draw_noise(run.spec, 8, "cpu", torch.Generator().manual_seed(7))
-        pure = inputs_from_noise(batch, run.spec, noise)
+        drawn = ready_inputs(batch, run.step.spec, torch.Generator().manual_seed(7))
+        noise = draw_noise(run.step.spec, 8, "cpu", torch.Generator().manual_seed(7))
+        pure = inputs_from_noise(batch, run.step.spec, noise)
         for a, b in zip(drawn, pure):
             assert (a is None and b is None) or torch.equal(a, b), name
 
@@ -52,7 +52,7 @@ def test_the_whole_step_forward_traces_without_a_graph_break(variant):
     run = build_run(small(**VARIANTS[variant]), ONE, steps_per_epoch=10)
     batch = synthetic_batch(8, 64, "cpu")
     noise = run.step.draw(0, 8)
-    negatives = run.queue.negatives() if run.queue is not None else None
+    negatives = run.model.queue.negatives() if run.model.queue is not None else None
     explained = torch._dynamo.explain(run.step._eager_forward)(batch.view_q, batch.view_k, batch.crop_q,
                                                                batch.crop_k, noise, negatives)
     assert explained.graph_break_count == 0, explained.break_reasons
@@ -65,7 +65,7 @@ def test_the_whole_step_forward_traces_without_a_graph_break(variant):
 
 
 def _grads(run) -> list:
-    return [p.grad.clone() for group in run.optimizer.param_groups for p in group["params"]]
+    return [p.grad.clone() for group in run.model.optimizer.param_groups for p in group["params"]]
 
 
 def _relative(a: list, b: list) -> float:
@@ -87,18 +87,19 @@ def test_compiled_step_gives_the_eager_loss_and_gradients_for_three_steps(backen
     runs = (eager, compiled, yardstick)
     batch = synthetic_batch(cfg.batch_size, cfg.image_size, "cpu")
     for run in runs:
-        for group in run.optimizer.param_groups:
+        for group in run.model.optimizer.param_groups:
             group["lr"] = 0.05
     for step in range(3):
         with torch.no_grad():
             for run in runs[1:]:
-                for target, source in ((run.encoder_q, eager.encoder_q), (run.encoder_k, eager.encoder_k)):
+                for target, source in ((run.model.encoder_q, eager.model.encoder_q),
+                                       (run.model.encoder_k, eager.model.encoder_k)):
                     for t, s in zip(target.state_dict().values(), source.state_dict().values()):
                         t.copy_(s)
         results = []
         for run in runs:
             value, stats, _ = run.step.forward(batch, run.step.draw(step, cfg.batch_size))
-            optimise(value, run.optimizer, run.scaler, run.ema, 0.99)
+            optimise(value, run.model.optimizer, run.model.scaler, run.model.ema, 0.99)
             results.append((value.item(), stats["pos_acc"].item(), _grads(run)))
         (loss_e, acc_e, grads_e), (loss_c, acc_c, grads_c), (loss_y, _, grads_y) = results
         if backend == "aot_eager":
@@ -199,7 +200,7 @@ def test_forward_loss_draws_the_shuffle_as_the_step_does():
     noise = run.step.draw(3, 8)
     assert noise.shuffle is None
     inputs = run.step.ready(batch, noise)
-    a = forward_loss(run.encoder_q, run.encoder_k, inputs, run.spec, None, run.queue)[0]
+    a = forward_loss(run.model.encoder_q, run.model.encoder_k, inputs, run.step.spec, None, run.model.queue)[0]
     b = run.step.forward(batch, noise)[0]
     assert torch.equal(a, b)
 
@@ -214,7 +215,7 @@ def test_graph_captured_and_prefetched_steps_match_eager_on_cuda():
     batches = [synthetic_batch(cfg.batch_size, cfg.image_size, "cpu").to(device) for _ in range(4)]
     loader = _ListLoader(batches)
     for run in (eager, captured):
-        for group in run.optimizer.param_groups:
+        for group in run.model.optimizer.param_groups:
             group["lr"] = 0.0  # same weights throughout: the comparison measures the step, not drift
     curves = []
     for run, steps in ((eager, plain_steps(loader, eager.step, 0)),
@@ -222,7 +223,8 @@ def test_graph_captured_and_prefetched_steps_match_eager_on_cuda():
         curve = []
         for batch, noise, inputs in steps:
             value = run.step.forward(batch, noise, inputs)[0]
-            optimise(value, run.optimizer, run.scaler, run.ema, 1.0)  # lr 0, momentum 1: the weights stay
+            # lr 0, momentum 1: the weights stay
+            optimise(value, run.model.optimizer, run.model.scaler, run.model.ema, 1.0)
             curve.append(value.item())
         curves.append(curve)
     assert curves[1] == pytest.approx(curves[0], rel=1e-4)

@@ -35,9 +35,9 @@ class StepRunner:
         changes = {**MODES[mode], **({"compile_backend": compile_backend} if mode != "eager" else {})}
         self.run = build_run(replace(cfg, **changes), dist.DistInfo(rank=0, world_size=1, local_rank=0, device=device),
                              steps_per_epoch=1)
-        self.encoder_q = unwrap(self.run.encoder_q)  # the Encoder (its stride, channels, pool)
+        self.encoder_q = unwrap(self.run.model.encoder_q)  # the Encoder (its stride, channels, pool)
         self.index = 0  # the global step whose randomness is drawn next
-        for group in self.run.optimizer.param_groups:
+        for group in self.run.model.optimizer.param_groups:
             group["lr"] = 1e-3
 
     def draw(self, batch):
@@ -50,11 +50,11 @@ class StepRunner:
 
     def step(self, batch, noise=None, inputs=None) -> None:
         """One step; ``inputs`` made ahead (with their ``noise``), or None: the step makes them."""
-        run = self.run
-        value, _, keys = run.step.forward(batch, noise if noise is not None else self.draw(batch), inputs)
-        optimise(value, run.optimizer, run.scaler, run.ema, run.momentum)
-        if run.queue is not None:
-            run.queue.enqueue(keys)
+        model = self.run.model
+        value, _, keys = self.run.step.forward(batch, noise if noise is not None else self.draw(batch), inputs)
+        optimise(value, model.optimizer, model.scaler, model.ema, self.run.schedule.momentum)
+        if model.queue is not None:
+            model.queue.enqueue(keys)
 
 
 def synthetic_batch(batch_size: int, image_size: int, device) -> pipelines.Batch:

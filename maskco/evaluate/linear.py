@@ -50,7 +50,7 @@ from maskco.evaluate.linear_heads import (LinearHeads, evaluate, flat_accuracies
 from maskco.evaluate.linear_heads import topk_correct  # noqa: F401  (re-exported: linear.topk_correct)
 from maskco.export import add_backbone_arguments, backbone_from_args, check_backbone_arguments
 from maskco.model import unwrap
-from maskco.runlog import RunLog, git_revision
+from maskco.runlog import OutDirError, RunLog, git_revision
 
 PROTOCOL_DEFAULTS = {  # multilayer: lr and milestones [paper], the rest OpenSelfSup's r50_multihead.py; lastlayer: MoCo
     "multilayer": {"epochs": 90, "lr": 0.1, "weight_decay": 1e-4, "milestones": [30, 60], "nesterov": True,
@@ -265,5 +265,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as error:  # bad input: one clear line, no traceback, exit 2
+    except (ValueError, OutDirError) as error:  # bad input: one clear line, no traceback, exit 2
         sys.exit(cli.fail("maskco.evaluate.linear", error))
