@@ -1,8 +1,11 @@
 """Batched photometric augmentation, normalisation and masking on the training device.
 
-One call per step, :func:`prepare_views`, turns a Batch's views (uint8 [N, 3, S, S], geometry only)
-into model inputs: MoCo v2 colour augmentation with independent parameters per sample and per view
-(docs/DESIGN.md 4.1), ImageNet normalisation, and the MaskCo mask over the query box (4.3).
+Per step, :func:`sample_photometric` (and :func:`draw_mask_noise` for the ``noise`` mask) draw the
+randomness and :func:`views_from_params` turns a Batch's views (uint8 [N, 3, S, S], geometry only) into
+model inputs: MoCo v2 colour augmentation with independent parameters per sample and per view
+(docs/DESIGN.md 4.1), ImageNet normalisation, and the MaskCo mask over the query box (4.3). The step
+draws them in ``maskco.method.draw_noise`` and runs :func:`views_from_params` in
+``maskco.method.inputs_from_noise``.
 
 The colour ops follow torchvision's tensor math (``transforms.v2.functional``), so a batch here
 equals a loop of torchvision calls with the same parameters (tests/test_augment.py). Everything is
@@ -270,17 +273,20 @@ def draw_mask_noise(shape, generator: Optional[torch.Generator], device, dtype=t
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
 
-def prepare_views(view_q: torch.Tensor, view_k: torch.Tensor, masked: torch.Tensor,
-                  generator: Optional[torch.Generator], *, mask_mode: str = "zero",
-                  out_dtype: torch.dtype = torch.float32, channels_last: bool = True,
-                  blur_kernel_size: Optional[int] = None, **photometric) -> tuple:
-    """Batch views -> model inputs (x_q, x_k), each [N, 3, S, S] of ``out_dtype``.
+def views_from_params(view_q: torch.Tensor, view_k: torch.Tensor, masked: torch.Tensor, params: PhotometricParams,
+                      mask_noise: Optional[torch.Tensor], *, mask_mode: str = "zero",
+                      out_dtype: torch.dtype = torch.float32, channels_last: bool = True,
+                      blur_kernel_size: Optional[int] = None, mean_std: Optional[tuple] = None) -> tuple:
+    """Batch views -> model inputs (x_q, x_k), each [N, 3, S, S] of ``out_dtype``, given the random draws.
 
-    view_q, view_k: uint8 [N, 3, S, S]; masked: float [N, 4] xyxy query-view pixels (the box to
-    hide, ``boxes.sample_boxes(...).masked``). Both views get independent photometric parameters
-    (``photometric`` is forwarded to :func:`sample_photometric`), are normalised, and only the query
-    view is masked. Draws from ``generator``: one ``sample_photometric(2N)`` whose rows [0, N) are
-    the query's and [N, 2N) the key's, then the mask noise.
+    view_q, view_k: uint8 [N, 3, S, S]; masked: float [N, 4] xyxy query-view pixels (the box to hide,
+    ``boxes.boxes_from_uniforms(...).masked``); params: :func:`sample_photometric` for 2N rows, rows
+    [0, N) the query's and [N, 2N) the key's; mask_noise: the ``noise`` mask's fill
+    (:func:`draw_mask_noise`, None for the other modes). Both views are augmented and normalised, only
+    the query view is masked. ``mean_std``: :func:`normalize_constants` on the views' device (made here
+    if None). A pure function of tensors with static shapes and no host sync, what the compiled step
+    runs; its argument checks read only shapes, dtypes and strings (no sync, nothing for a compiled
+    graph to break on).
     """
     _check_views(view_q, "view_q")
     _check_views(view_k, "view_k")
@@ -291,21 +297,6 @@ def prepare_views(view_q: torch.Tensor, view_k: torch.Tensor, masked: torch.Tens
     n = view_q.shape[0]
     if masked.shape != (n, 4):
         raise ValueError(f"masked must have shape [{n}, 4] to match view_q, got {tuple(masked.shape)}")
-    params = sample_photometric(2 * n, generator, view_q.device, **photometric)  # rows n.. = key
-    noise = draw_mask_noise(view_q.shape, generator, view_q.device) if mask_mode == "noise" else None
-    return views_from_params(view_q, view_k, masked, params, noise, mask_mode=mask_mode, out_dtype=out_dtype,
-                             channels_last=channels_last, blur_kernel_size=blur_kernel_size)
-
-
-def views_from_params(view_q: torch.Tensor, view_k: torch.Tensor, masked: torch.Tensor, params: PhotometricParams,
-                      mask_noise: Optional[torch.Tensor], *, mask_mode: str = "zero",
-                      out_dtype: torch.dtype = torch.float32, channels_last: bool = True,
-                      blur_kernel_size: Optional[int] = None, mean_std: Optional[tuple] = None) -> tuple:
-    """:func:`prepare_views` given its random draws (``params`` for 2N rows, query first; the
-    ``noise`` mask's fill): a pure function of tensors with static shapes and no host sync, what the
-    compiled step runs. ``mean_std``: :func:`normalize_constants` on the views' device (made here if
-    None). No argument checks."""
-    n = view_q.shape[0]
     # Both views as one batch of 2N: half the kernel launches, which dominate at 32 images per GPU.
     x = apply_photometric(torch.cat([view_q, view_k]), params, blur_kernel_size)
     x = normalize(x, *mean_std) if mean_std is not None else normalize(x)

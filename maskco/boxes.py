@@ -7,9 +7,9 @@ u in [0, S] sits at source x = x0 + (u / S)(x1 - x0), or x0 + (1 - u / S)(x1 - x
 
 The masked box is drawn in source coordinates inside the overlap of the two crops and mapped into
 both views, so the query's masked region and the key's positive show the same part of the image.
-Negatives are drawn in the key view. Everything is batched tensor code on the crops' device; the
-only random source is the explicit ``generator``; :func:`boxes_from_uniforms` is the same given its
-random numbers (:func:`draw_uniforms`), what the compiled step runs.
+Negatives are drawn in the key view. Everything is batched tensor code on the crops' device. The step
+runs the pure pair: :func:`draw_uniforms` (every random number, from an explicit generator) then
+:func:`boxes_from_uniforms`; :func:`sample_boxes` is their convenience wrapper, with argument checks.
 """
 from __future__ import annotations
 
@@ -67,52 +67,11 @@ def view_to_source(boxes_px: torch.Tensor, crop: torch.Tensor, image_size: int) 
     return torch.stack([bx0, by0, bx1, by1], dim=-1)  # [N(, L), 4]
 
 
-def sample_boxes(
-    crop_q: torch.Tensor,
-    crop_k: torch.Tensor,
-    image_size: int,
-    num_negatives: int = 16,
-    generator: Optional[torch.Generator] = None,
-    *,
-    area: Sequence[float] = (0.04, 0.25),
-    aspect: Sequence[float] = (0.5, 2.0),
-    min_size: float = 16.0,
-    min_overlap: float = 0.04,
-    negative_max_iou: Optional[float] = 0.5,
-    tries: int = NEGATIVE_TRIES,
-    check_values: bool = True,
-) -> BoxSample:
-    """Draw the masked box, its positive and ``num_negatives`` negative key boxes for each sample.
-
-    crop_q, crop_k: float32/float64 [N, 5], ``x0, y0, x1, y1, flipped`` (the Batch contract).
-    image_size:     S, the side of both (square) views in pixels.
-    area:           box area as a fraction of the view's area, uniform in this range.
-    aspect:         width / height, log-uniform in this range.
-    min_size:       smallest side in pixels: of the masked box in both views, of a negative.
-    min_overlap:    a sample is valid only if the crops' overlap covers this fraction of the query crop.
-    negative_max_iou: largest IoU of a negative with the positive (None: no limit). Each negative is
-                    the first of ``tries`` candidates that meets it, else the least overlapping one.
-    check_values:   check crops for NaN / range errors; costs one host sync, so a trusted caller
-                    (the training step) may turn it off. Shape, dtype and device checks are free.
-
-    Invalid samples (overlap under ``min_overlap`` of the query crop, or narrower than ``min_size``
-    pixels in either view) still get well-formed boxes: the masked box is drawn in the whole query
-    view and the "positive" is the same pixel box in the key view.
-    Returns :class:`BoxSample`; tensors on the crops' device, in their dtype.
-    """
-    _check_inputs(crop_q, crop_k, image_size, num_negatives, generator, area, aspect, min_size,
-                  min_overlap, negative_max_iou, tries, check_values)
-    u_box, u_negatives = draw_uniforms(crop_q.shape[0], num_negatives, negative_max_iou, generator, crop_q.device,
-                                       crop_q.dtype, tries)
-    return boxes_from_uniforms(crop_q, crop_k, image_size, u_box, u_negatives, area=area, aspect=aspect,
-                               min_size=min_size, min_overlap=min_overlap, negative_max_iou=negative_max_iou)
-
-
 def draw_uniforms(n: int, num_negatives: int, negative_max_iou: Optional[float], generator: Optional[torch.Generator],
                   device, dtype=torch.float32, tries: int = NEGATIVE_TRIES) -> tuple:
-    """Every random number :func:`sample_boxes` uses, in its order: ``u_box [N, 4]`` (the masked box's
-    area, aspect and position) then ``u_negatives [N, M, T, 4]`` (T = ``tries`` candidates per negative;
-    T = 1 when negatives have no IoU limit, ``negative_max_iou`` None). Uniform in [0, 1)."""
+    """Every random number :func:`boxes_from_uniforms` uses, in this order: ``u_box [N, 4]`` (the masked
+    box's area, aspect and position) then ``u_negatives [N, M, T, 4]`` (T = ``tries`` candidates per
+    negative; T = 1 when negatives have no IoU limit, ``negative_max_iou`` None). Uniform in [0, 1)."""
     tries = tries if negative_max_iou is not None else 1
     u_box = torch.rand(n, 4, generator=generator, device=device, dtype=dtype)  # [N, 4]
     u_negatives = torch.rand(n, num_negatives, tries, 4, generator=generator, device=device,
@@ -124,8 +83,25 @@ def boxes_from_uniforms(crop_q: torch.Tensor, crop_k: torch.Tensor, image_size: 
                         u_negatives: torch.Tensor, *, area: Sequence[float] = (0.04, 0.25),
                         aspect: Sequence[float] = (0.5, 2.0), min_size: float = 16.0, min_overlap: float = 0.04,
                         negative_max_iou: Optional[float] = 0.5) -> BoxSample:
-    """:func:`sample_boxes` given its random numbers (:func:`draw_uniforms`): a pure function of
-    tensors with static shapes and no host sync (what the compiled step runs). No argument checks."""
+    """The masked box, its positive and M negative key boxes for each sample, given the random numbers
+    (:func:`draw_uniforms`): a pure function of tensors with static shapes and no host sync, what the
+    compiled step runs. No argument checks (:func:`sample_boxes` checks them).
+
+    crop_q, crop_k: float32/float64 [N, 5], ``x0, y0, x1, y1, flipped`` (the Batch contract).
+    image_size:     S, the side of both (square) views in pixels.
+    u_box, u_negatives: [N, 4] and [N, M, T, 4] uniforms in the crops' dtype; M = ``num_negatives``.
+    area:           box area as a fraction of the view's area, uniform in this range.
+    aspect:         width / height, log-uniform in this range.
+    min_size:       smallest side in pixels: of the masked box in both views, of a negative.
+    min_overlap:    a sample is valid only if the crops' overlap covers this fraction of the query crop.
+    negative_max_iou: largest IoU of a negative with the positive (None: no limit). Each negative is
+                    the first of the T candidates that meets it, else the least overlapping one.
+
+    Invalid samples (overlap under ``min_overlap`` of the query crop, or narrower than ``min_size``
+    pixels in either view) still get well-formed boxes: the masked box is drawn in the whole query
+    view and the "positive" is the same pixel box in the key view.
+    Returns :class:`BoxSample`; tensors on the crops' device, in their dtype.
+    """
     size = float(image_size)
     valid, region, min_src = _overlap(crop_q, crop_k, size, min_size, min_overlap)
 
@@ -146,6 +122,28 @@ def boxes_from_uniforms(crop_q: torch.Tensor, crop_k: torch.Tensor, image_size: 
     negatives = _negatives(positive, u_negatives, size, area, aspect, min_size, negative_max_iou)  # [N, M, 4]
     keys = torch.cat([positive[:, None], negatives], dim=1)  # [N, 1 + M, 4]
     return BoxSample(masked=masked, keys=keys, valid=valid)
+
+
+def sample_boxes(crop_q: torch.Tensor, crop_k: torch.Tensor, image_size: int, num_negatives: int = 16,
+                 generator: Optional[torch.Generator] = None, *, area: Sequence[float] = (0.04, 0.25),
+                 aspect: Sequence[float] = (0.5, 2.0), min_size: float = 16.0, min_overlap: float = 0.04,
+                 negative_max_iou: Optional[float] = 0.5, tries: int = NEGATIVE_TRIES,
+                 check_values: bool = True) -> BoxSample:
+    """The convenience wrapper of the pure pair the step runs: check the arguments, then
+    :func:`draw_uniforms` from ``generator``, then :func:`boxes_from_uniforms` (see it for the
+    arguments and the result). For callers outside the step (the bench, tests, tools).
+
+    tries:          candidates drawn per negative (rejection sampling against ``negative_max_iou``).
+    check_values:   check crops for NaN / range errors; costs one host sync, so a trusted caller may
+                    turn it off. Shape, dtype and device checks are free.
+    Raises ValueError naming the first bad argument.
+    """
+    _check_inputs(crop_q, crop_k, image_size, num_negatives, generator, area, aspect, min_size,
+                  min_overlap, negative_max_iou, tries, check_values)
+    u_box, u_negatives = draw_uniforms(crop_q.shape[0], num_negatives, negative_max_iou, generator, crop_q.device,
+                                       crop_q.dtype, tries)
+    return boxes_from_uniforms(crop_q, crop_k, image_size, u_box, u_negatives, area=area, aspect=aspect,
+                               min_size=min_size, min_overlap=min_overlap, negative_max_iou=negative_max_iou)
 
 
 def _overlap(crop_q, crop_k, size, min_size, min_overlap):

@@ -135,7 +135,8 @@ def positive_accuracy(logits, valid, groups=1):
 
 
 def contrastive_loss(q, k, valid, temperature, intra=False, other_positives=False, extra_negatives=None):
-    """Scalar InfoNCE loss of MaskCo: ``info_nce(contrastive_logits(...), valid)``.
+    """Scalar InfoNCE loss of MaskCo, the convenience wrapper of the pure pair the step runs:
+    ``info_nce(contrastive_logits(...), valid)`` (one GPU's batch: no virtual-GPU groups).
 
     q ``[N, C]``, k ``[N, 1 + M, C]``, valid ``[N]`` bool. An invalid sample's query is left out of
     the mean; its keys stay negatives for the others (they are real regions of a real image).

@@ -1,12 +1,15 @@
 """One MaskCo (or MoCo v2) step, from a :class:`pipelines.Batch` to the loss.
 
-    Batch --boxes.sample_boxes--> masked box (query view), key boxes (key view)
-          --augment.prepare_views--> photometric aug, mask the query box, normalise
-          --encoders--> q [N, D] (masked region of the query view), k [N, 1+M, D] (key boxes)
-          --loss.contrastive_loss--> InfoNCE
+    Batch --draw_noise--> every random tensor of the step (Noise)
+          --inputs_from_noise--> boxes.boxes_from_uniforms: masked box (query view), key boxes (key view)
+                                 augment.views_from_params: photometric aug, mask the query box, normalise
+          --loss_from_inputs--> encoders: q [N, D] (masked region of the query view), k [N, 1+M, D] (key boxes)
+                                loss.contrastive_logits, loss.info_nce: InfoNCE
 
-The trainer and the bench both call :func:`ready_inputs` and :func:`forward_loss`; the only place
-that reads the Config is :meth:`MethodSpec.from_config`.
+The trainer and the bench run it through :class:`maskco.step.Step`: :func:`draw_noise`, then the pure
+:func:`inputs_from_noise` and :func:`loss_from_inputs` (eager or compiled). :func:`ready_inputs` is the
+convenience wrapper (draw, then :func:`inputs_from_noise`) for ``show`` and localisation. The only
+place that reads the Config is :meth:`MethodSpec.from_config`.
 """
 from __future__ import annotations
 
@@ -75,10 +78,11 @@ class Noise(NamedTuple):
 
 def draw_noise(spec: MethodSpec, n: int, device, generator: Optional[torch.Generator],
                shuffle_generator: Optional[torch.Generator] = None, box_dtype=torch.float32) -> Noise:
-    """Draw a step's randomness for ``n`` images on ``device``, in the order the generator-taking
-    functions draw it (boxes.sample_boxes, then augment.prepare_views), so both paths give the same
-    numbers. ``generator``: per rank; ``shuffle_generator``: the same on every rank (shuffle-BN);
-    ``box_dtype``: the crops' dtype (the box uniforms are drawn in it)."""
+    """Draw a step's randomness for ``n`` images on ``device``, in this order from ``generator`` (per
+    rank): the box uniforms (boxes.draw_uniforms, as boxes.sample_boxes draws them), the photometric
+    parameters of 2N views (the query views' rows first), the noise mask's fill; then shuffle-BN's
+    permutation from ``shuffle_generator`` (the same on every rank). ``box_dtype``: the crops' dtype
+    (the box uniforms are drawn in it)."""
     box = negatives = mask = None
     if spec.method != "mocov2":
         box, negatives = boxes.draw_uniforms(n, spec.num_negatives, spec.negative_max_iou, generator, device,
@@ -96,8 +100,9 @@ def _photometric(spec: MethodSpec) -> dict:
 
 
 def ready_inputs(batch, spec: MethodSpec, generator: Optional[torch.Generator]) -> Inputs:
-    """Boxes, photometric augmentation, masking and normalisation, batched on the batch's device,
-    drawing from ``generator`` (:func:`draw_noise` then :func:`inputs_from_noise`). fp32 always."""
+    """The convenience wrapper of the pair the step runs: :func:`draw_noise` from ``generator``, then
+    :func:`inputs_from_noise` (boxes, photometric augmentation, masking and normalisation, batched on the
+    batch's device, fp32 always). For callers without a :class:`maskco.step.Step` (show, localisation)."""
     noise = draw_noise(spec, batch.view_q.shape[0], batch.view_q.device, generator, box_dtype=batch.crop_q.dtype)
     return inputs_from_noise(batch, spec, noise)
 
@@ -125,15 +130,6 @@ def inputs_from_noise(batch, spec: MethodSpec, noise: Noise, mean_std: Optional[
         x_q, x_k = augment.views_from_params(batch.view_q, batch.view_k, sample.masked, noise.photometric,
                                              noise.mask, mask_mode=spec.mask_mode, **views)
         return Inputs(x_q, x_k, sample.masked[:, None], sample.keys, sample.valid)
-
-
-def forward_loss(encoder_q, encoder_k, inputs: Inputs, spec: MethodSpec,
-                 shuffle_generator: Optional[torch.Generator], queue=None):
-    """:func:`loss_from_inputs`, drawing shuffle-BN's permutation from ``shuffle_generator``."""
-    permutation = dist.draw_shuffle(inputs.x_k.shape[0], shuffle_generator, inputs.x_k.device,
-                                    spec.virtual_gpus) if spec.shuffle_bn else None
-    return loss_from_inputs(encoder_q, encoder_k, inputs, spec, permutation,
-                            queue.negatives() if queue is not None else None)
 
 
 def loss_from_inputs(encoder_q, encoder_k, inputs: Inputs, spec: MethodSpec, permutation: Optional[torch.Tensor],

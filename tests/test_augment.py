@@ -1,4 +1,4 @@
-"""maskco.augment: batched ops against a loop of torchvision calls, sampling, masking, prepare_views."""
+"""maskco.augment: batched ops against a loop of torchvision calls, sampling, masking, views_from_params."""
 import itertools
 
 import pytest
@@ -214,7 +214,7 @@ def test_mask_none_changes_nothing():
     assert torch.equal(augment.mask_boxes(x, _random_boxes(N, S), "none"), x)
 
 
-# ---- prepare_views
+# ---- views_from_params (what the step runs, given the draws of method.draw_noise)
 
 def _batch(n=4, size=32, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -223,24 +223,32 @@ def _batch(n=4, size=32, seed=0):
     return view_q, view_k, _random_boxes(n, size, seed)
 
 
+def _views(view_q, view_k, masked, generator, mask_mode="zero", **options):
+    """Draw as method.draw_noise does (photometric parameters for 2N rows, then the noise mask's fill),
+    then views_from_params."""
+    params = augment.sample_photometric(2 * view_q.shape[0], generator, view_q.device)
+    noise = augment.draw_mask_noise(view_q.shape, generator, view_q.device) if mask_mode == "noise" else None
+    return augment.views_from_params(view_q, view_k, masked, params, noise, mask_mode=mask_mode, **options)
+
+
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_prepare_views_shapes_dtype_layout(out_dtype, channels_last):
+def test_views_shapes_dtype_layout(out_dtype, channels_last):
     view_q, view_k, masked = _batch()
-    x_q, x_k = augment.prepare_views(view_q, view_k, masked, torch.Generator().manual_seed(0),
-                                     out_dtype=out_dtype, channels_last=channels_last)
+    x_q, x_k = _views(view_q, view_k, masked, torch.Generator().manual_seed(0), out_dtype=out_dtype,
+                      channels_last=channels_last)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     for x in (x_q, x_k):
         assert x.shape == view_q.shape and x.dtype == out_dtype
         assert x.is_contiguous(memory_format=fmt)
 
 
-def test_prepare_views_masks_only_the_query_box():
+def test_views_mask_only_the_query_box():
     view_q, view_k, masked = _batch()
     kernel_size = augment.default_blur_kernel_size(32)
-    outputs = {mode: augment.prepare_views(view_q, view_k, masked, torch.Generator().manual_seed(5),
-                                           mask_mode=mode) for mode in augment.MASK_MODES}
-    # the documented draw from the generator: params for 2N samples, the query's first
+    outputs = {mode: _views(view_q, view_k, masked, torch.Generator().manual_seed(5), mode)
+               for mode in augment.MASK_MODES}
+    # the documented layout of the parameters: 2N rows, the query's first
     params = augment.sample_photometric(8, torch.Generator().manual_seed(5), "cpu")
     params_q = PhotometricParams(*(t[:4] for t in params))
     params_k = PhotometricParams(*(t[4:] for t in params))
@@ -254,12 +262,9 @@ def test_prepare_views_masks_only_the_query_box():
     assert torch.all(outputs["zero"][0][inside] == 0)
 
 
-def test_prepare_views_is_deterministic_given_the_seed():
+def test_views_are_deterministic_given_the_seed():
     view_q, view_k, masked = _batch()
-    def run(seed):
-        g = torch.Generator().manual_seed(seed)
-        return augment.prepare_views(view_q, view_k, masked, g, mask_mode="noise")
-    a, b = run(1), run(1)
+    a, b = (_views(view_q, view_k, masked, torch.Generator().manual_seed(1), "noise") for _ in range(2))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -268,16 +273,17 @@ def test_prepare_views_is_deterministic_given_the_seed():
 def test_bad_input_names_the_argument():
     view_q, view_k, masked = _batch()
     g = torch.Generator().manual_seed(0)
+    params = augment.sample_photometric(8, g, "cpu")
     with pytest.raises(ValueError, match="view_q"):
-        augment.prepare_views(view_q.float(), view_k, masked, g)
+        augment.views_from_params(view_q.float(), view_k, masked, params, None)
     with pytest.raises(ValueError, match="view_k"):
-        augment.prepare_views(view_q, view_k[:, :2], masked, g)
+        augment.views_from_params(view_q, view_k[:, :2], masked, params, None)
     with pytest.raises(ValueError, match="view_k"):
-        augment.prepare_views(view_q, view_k[:2], masked, g)
+        augment.views_from_params(view_q, view_k[:2], masked, params, None)
     with pytest.raises(ValueError, match="masked"):
-        augment.prepare_views(view_q, view_k, masked[:2], g)
+        augment.views_from_params(view_q, view_k, masked[:2], params, None)
     with pytest.raises(ValueError, match="mask_mode"):
-        augment.prepare_views(view_q, view_k, masked, g, mask_mode="cutout")
+        augment.views_from_params(view_q, view_k, masked, params, None, mask_mode="cutout")
     with pytest.raises(ValueError, match="views"):
         augment.apply_photometric(view_q[0], _params(4))
     with pytest.raises(ValueError, match="params"):
@@ -305,20 +311,20 @@ def test_cuda_matches_cpu_without_host_sync():
     torch.testing.assert_close(out.cpu(), ref, atol=1e-5, rtol=0)  # GPU depthwise conv: other sum order
     g = torch.Generator(device="cuda").manual_seed(0)
     args = (view_q.cuda(), view_k.cuda(), masked.cuda(), g)
-    augment.prepare_views(*args, mask_mode="noise")  # warm-up: lazy CUDA init may sync once
+    _views(*args, mask_mode="noise")  # warm-up: lazy CUDA init may sync once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for mode in augment.MASK_MODES:
-            augment.prepare_views(*args, mask_mode=mode, out_dtype=torch.bfloat16)
+        for mode in augment.MASK_MODES:  # the draws and the views: no host sync
+            _views(*args, mask_mode=mode, out_dtype=torch.bfloat16)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_ready_inputs_do_not_depend_on_the_precision_flag():
+def test_step_inputs_do_not_depend_on_the_precision_flag():
     """Augmentation is fp32 even when the step's caller is under bf16 autocast (only encoders autocast)."""
     import pipelines
-    from maskco.method import MethodSpec, ready_inputs
+    from maskco.method import MethodSpec, draw_noise, inputs_from_noise
     from maskco.config import Config
 
     generator = torch.Generator().manual_seed(0)
@@ -327,9 +333,10 @@ def test_ready_inputs_do_not_depend_on_the_precision_flag():
     batch = pipelines.Batch(views[0], views[1], crops, crops.flip(0))
     spec = MethodSpec.from_config(Config(), image_size=64, num_negatives=2, box_min_size=8.0, blur_prob=1.0,
                                   jitter_prob=1.0)
-    plain = ready_inputs(batch, spec, torch.Generator().manual_seed(1))
+    noise = draw_noise(spec, 4, "cpu", torch.Generator().manual_seed(1))
+    plain = inputs_from_noise(batch, spec, noise)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast = ready_inputs(batch, spec, torch.Generator().manual_seed(1))
+        autocast = inputs_from_noise(batch, spec, noise)
     for name in ("x_q", "x_k", "boxes_q", "boxes_k", "valid"):
         assert getattr(autocast, name).dtype == getattr(plain, name).dtype, name
         torch.testing.assert_close(getattr(autocast, name), getattr(plain, name), rtol=0, atol=1e-6, msg=name)

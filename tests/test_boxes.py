@@ -5,8 +5,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from maskco.boxes import (BoxSample, _pairwise_iou, _pick_candidates, sample_boxes, source_to_view,
-                          view_to_source)
+from maskco.boxes import (NEGATIVE_TRIES, BoxSample, _pairwise_iou, _pick_candidates, boxes_from_uniforms,
+                          draw_uniforms, sample_boxes, source_to_view, view_to_source)
 from geometry import assert_same_source_region, coordinate_image, cut_view, pixel_crops
 
 FAST = settings(max_examples=60, deadline=None)
@@ -41,8 +41,12 @@ def random_boxes(shape, size, seed):
     return torch.cat([lo, hi], dim=-1)
 
 
-def sample(crop_q, crop_k, size, seed=0, **kwargs):
-    return sample_boxes(crop_q, crop_k, size, generator=torch.Generator().manual_seed(seed), **kwargs)
+def sample(crop_q, crop_k, size, seed=0, num_negatives=16, negative_max_iou=0.5, tries=NEGATIVE_TRIES, **kwargs):
+    """The step's path (method.draw_noise, method.inputs_from_noise): draw_uniforms, then boxes_from_uniforms."""
+    generator = torch.Generator(crop_q.device).manual_seed(seed)
+    u_box, u_negatives = draw_uniforms(crop_q.shape[0], num_negatives, negative_max_iou, generator, crop_q.device,
+                                       crop_q.dtype, tries)
+    return boxes_from_uniforms(crop_q, crop_k, size, u_box, u_negatives, negative_max_iou=negative_max_iou, **kwargs)
 
 
 def sides(boxes):
@@ -203,6 +207,19 @@ def test_same_seed_same_boxes_and_other_seed_other_boxes():
     assert not torch.equal(a.masked, c.masked) and not torch.equal(a.keys, c.keys)
 
 
+@pytest.mark.parametrize("options", [{}, dict(num_negatives=3, min_size=8.0, min_overlap=0.1),
+                                     dict(negative_max_iou=None), dict(tries=4, negative_max_iou=0.3, area=(0.1, 0.2))])
+def test_sample_boxes_is_draw_uniforms_then_boxes_from_uniforms(options):
+    """The convenience wrapper draws what the step draws, in the same order: the same boxes."""
+    crop_q = pixel_crops(32, 100, 120, torch.Generator().manual_seed(1))
+    crop_k = pixel_crops(32, 100, 120, torch.Generator().manual_seed(2))
+    for dtype in (torch.float32, torch.float64):
+        cq, ck = crop_q.to(dtype), crop_k.to(dtype)
+        wrapped = sample_boxes(cq, ck, 64, generator=torch.Generator().manual_seed(7), **options)
+        pure = sample(cq, ck, 64, 7, **options)
+        assert all(torch.equal(a, b) for a, b in zip(wrapped, pure))
+
+
 # ---- pixels: the masked box and its positive show the same part of the image
 
 def test_views_of_a_coordinate_image_show_the_same_source_region():
@@ -273,10 +290,9 @@ def test_generator_on_another_device_is_rejected():
 def test_cuda_boxes_match_the_properties():
     g = torch.Generator().manual_seed(0)
     crop_q, crop_k = pixel_crops(256, 200, 300, g).cuda(), pixel_crops(256, 200, 300, g).cuda()
-    a = sample_boxes(crop_q, crop_k, 224, generator=torch.Generator("cuda").manual_seed(3))
-    b = sample_boxes(crop_q, crop_k, 224, generator=torch.Generator("cuda").manual_seed(3))
+    a, b = sample(crop_q, crop_k, 224, seed=3), sample(crop_q, crop_k, 224, seed=3)
     assert a.masked.is_cuda and all(torch.equal(x, y) for x, y in zip(a, b))
-    reference = sample_boxes(crop_q.cpu(), crop_k.cpu(), 224)  # other random stream: same validity
+    reference = sample(crop_q.cpu(), crop_k.cpu(), 224)  # other random stream: same validity
     assert torch.equal(a.valid.cpu(), reference.valid)
     torch.testing.assert_close(view_to_source(a.masked, crop_q, 224)[a.valid],
                                view_to_source(a.keys[:, 0], crop_k, 224)[a.valid], atol=1e-5, rtol=0)

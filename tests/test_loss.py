@@ -31,6 +31,11 @@ def loop_loss(q, k, valid, temperature, intra=False, other_positives=False, queu
     return torch.stack(losses).mean()
 
 
+def pair_loss(q, k, valid, temperature, intra=False, other_positives=False, extra_negatives=None):
+    """The step's path (method.step_logits, then loss_from_inputs): contrastive_logits, then info_nce."""
+    return info_nce(contrastive_logits(q, k, valid, temperature, intra, other_positives, extra_negatives), valid)
+
+
 def unit(*shape, seed=0):
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
     return torch.nn.functional.normalize(x, dim=-1)
@@ -55,13 +60,29 @@ def test_matches_paper_loop_forward_and_backward(name):
     k_a = unit(n, 1 + m, c, seed=2).requires_grad_()
     queue = unit(queue_size, c, seed=3) if queue_size else None
     q_b, k_b = q_a.detach().clone().requires_grad_(), k_a.detach().clone().requires_grad_()
-    fast = contrastive_loss(q_a, k_a, valid, 0.2, intra, other_positives, extra_negatives=queue)
+    fast = pair_loss(q_a, k_a, valid, 0.2, intra, other_positives, extra_negatives=queue)
     slow = loop_loss(q_b, k_b, valid, 0.2, intra, other_positives, queue)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     fast.backward()
     slow.backward()
     torch.testing.assert_close(q_a.grad, q_b.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_a.grad, k_b.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_contrastive_loss_is_contrastive_logits_then_info_nce(name):
+    """The convenience wrapper computes what the step computes: the same value and gradients."""
+    m, intra, other_positives, queue_size = VARIANTS[name]
+    valid = torch.tensor([True, False, True, True])
+    q_a, k = unit(4, 8, seed=1).requires_grad_(), unit(4, 1 + m, 8, seed=2)
+    queue = unit(queue_size, 8, seed=3) if queue_size else None
+    q_b = q_a.detach().clone().requires_grad_()
+    wrapped = contrastive_loss(q_a, k, valid, 0.2, intra, other_positives, extra_negatives=queue)
+    pure = info_nce(contrastive_logits(q_b, k, valid, 0.2, intra, other_positives, extra_negatives=queue), valid)
+    assert torch.equal(wrapped, pure)
+    wrapped.backward()
+    pure.backward()
+    assert torch.equal(q_a.grad, q_b.grad)
 
 
 def test_hand_worked_two_image_example():
@@ -72,11 +93,11 @@ def test_hand_worked_two_image_example():
     valid = torch.tensor([True, True])
     # Query 0: positive 0.6, image 1's negative 0.8.  Query 1: positive 1, image 0's negative 1.
     expected = ((math.log(math.exp(0.6) + math.exp(0.8)) - 0.6) + math.log(2.0)) / 2
-    assert contrastive_loss(q, k, valid, 1.0).item() == pytest.approx(expected, abs=1e-6)
+    assert pair_loss(q, k, valid, 1.0).item() == pytest.approx(expected, abs=1e-6)
     # (+in) adds each image's own negative: 0 for query 0, 0.6 for query 1.
     expected_in = ((math.log(math.exp(0.6) + math.exp(0.8) + 1.0) - 0.6)
                    + (math.log(2 * math.e + math.exp(0.6)) - 1.0)) / 2
-    assert contrastive_loss(q, k, valid, 1.0, intra=True).item() == pytest.approx(expected_in, abs=1e-6)
+    assert pair_loss(q, k, valid, 1.0, intra=True).item() == pytest.approx(expected_in, abs=1e-6)
     logits = contrastive_logits(q, k, valid, 0.5)  # [2, 2]
     torch.testing.assert_close(logits, torch.tensor([[1.2, 1.6], [2.0, 2.0]]))
 
@@ -97,12 +118,12 @@ def test_invalid_query_changes_nothing():
     n, m, c = 4, 2, 6
     valid = torch.tensor([True, False, True, True])
     q, k = unit(n, c, seed=4), unit(n, 1 + m, c, seed=5)
-    base = contrastive_loss(q, k, valid, 0.2)
+    base = pair_loss(q, k, valid, 0.2)
     poisoned = q.clone()
     poisoned[1] = float("nan")  # whatever an invalid query holds
     poisoned.requires_grad_()
     k.requires_grad_()
-    loss = contrastive_loss(poisoned, k, valid, 0.2)
+    loss = pair_loss(poisoned, k, valid, 0.2)
     torch.testing.assert_close(loss, base)
     loss.backward()
     assert torch.equal(poisoned.grad[1], torch.zeros(c))
@@ -111,7 +132,7 @@ def test_invalid_query_changes_nothing():
 
 def test_no_valid_query_gives_zero_with_a_graph():
     q, k = unit(3, 4, seed=6).requires_grad_(), unit(3, 3, 4, seed=7).requires_grad_()
-    loss = contrastive_loss(q, k, torch.zeros(3, dtype=torch.bool), 0.2)
+    loss = pair_loss(q, k, torch.zeros(3, dtype=torch.bool), 0.2)
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
     assert torch.equal(q.grad, torch.zeros_like(q)) and torch.equal(k.grad, torch.zeros_like(k))
@@ -120,10 +141,10 @@ def test_no_valid_query_gives_zero_with_a_graph():
 def test_fp32_under_bfloat16_autocast():
     q, k = unit(4, 16, seed=8), unit(4, 5, 16, seed=9)
     valid = torch.ones(4, dtype=torch.bool)
-    plain = contrastive_loss(q, k, valid, 0.2)
+    plain = pair_loss(q, k, valid, 0.2)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = contrastive_logits(q.bfloat16(), k.bfloat16(), valid, 0.2)
-        autocast = contrastive_loss(q, k, valid, 0.2)
+        autocast = pair_loss(q, k, valid, 0.2)
     assert logits.dtype == torch.float32 and autocast.dtype == torch.float32
     torch.testing.assert_close(autocast, plain, atol=0, rtol=0)
 
@@ -144,15 +165,15 @@ def test_positive_accuracy_counts_valid_rows():
 ])
 def test_bad_input_raises_value_error(args, name):
     with pytest.raises(ValueError, match=name):
-        contrastive_loss(*args, torch.ones(args[0].shape[0], dtype=torch.bool), 0.2)
+        contrastive_logits(*args, torch.ones(args[0].shape[0], dtype=torch.bool), 0.2)
 
 
 def test_bad_valid_and_temperature_raise():
     q, k = unit(3, 4), unit(3, 3, 4)
     with pytest.raises(ValueError, match="valid"):
-        contrastive_loss(q, k, torch.ones(3), 0.2)
+        contrastive_logits(q, k, torch.ones(3), 0.2)
     with pytest.raises(ValueError, match="temperature"):
-        contrastive_loss(q, k, torch.ones(3, dtype=torch.bool), 0.0)
+        contrastive_logits(q, k, torch.ones(3, dtype=torch.bool), 0.0)
 
 
 def test_key_queue_is_a_ring_buffer():
@@ -171,8 +192,8 @@ def test_key_queue_is_a_ring_buffer():
 def test_key_queue_graph_survives_enqueue_and_state_round_trips():
     queue = KeyQueue(size=4, dim=3)
     q = unit(2, 3, seed=10).requires_grad_()
-    loss = contrastive_loss(q, unit(2, 2, 3, seed=11), torch.ones(2, dtype=torch.bool), 0.2,
-                            extra_negatives=queue.negatives())
+    loss = pair_loss(q, unit(2, 2, 3, seed=11), torch.ones(2, dtype=torch.bool), 0.2,
+                     extra_negatives=queue.negatives())
     queue.enqueue(unit(2, 3, seed=12))  # before backward, as in a training step
     loss.backward()  # would fail if the queue had been written in place
     restored = KeyQueue(size=4, dim=3)
@@ -187,7 +208,7 @@ def test_matches_paper_loop_on_cuda():
     valid = torch.tensor([True, False, True, True], device="cuda")
     q, k, queue = unit(4, 8, seed=13).cuda(), unit(4, 4, 8, seed=14).cuda(), unit(6, 8, seed=15).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        fast = contrastive_loss(q, k, valid, 0.2, intra=True, other_positives=True, extra_negatives=queue)
+        fast = pair_loss(q, k, valid, 0.2, intra=True, other_positives=True, extra_negatives=queue)
     slow = loop_loss(q, k, valid, 0.2, intra=True, other_positives=True, queue=queue)
     assert fast.dtype == torch.float32
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)

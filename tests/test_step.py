@@ -13,7 +13,7 @@ from maskco.bench.figures import synthetic_batch
 from maskco.build import build_run
 from maskco.config import ConfigError, Config, replace
 from maskco.engine import optimise
-from maskco.method import draw_noise, forward_loss, inputs_from_noise, ready_inputs
+from maskco.method import draw_noise, inputs_from_noise, loss_from_inputs, ready_inputs
 from maskco.step import Prefetcher, plain_steps
 from maskco.train import main
 
@@ -193,14 +193,14 @@ def test_compile_settings_this_machine_cannot_run_are_config_errors():
         small(prefetch="sometimes")
 
 
-def test_forward_loss_draws_the_shuffle_as_the_step_does():
-    """One process: no shuffle to draw, the key branch is plain (forward_loss is the bench's entry)."""
+def test_loss_from_ready_inputs_gives_the_whole_forward_loss():
+    """One process: no shuffle to draw, the key branch is plain (the prefetcher's split equals the whole step)."""
     run = build_run(small(), ONE, steps_per_epoch=10)
     batch = synthetic_batch(8, 64, "cpu")
     noise = run.step.draw(3, 8)
     assert noise.shuffle is None
     inputs = run.step.ready(batch, noise)
-    a = forward_loss(run.model.encoder_q, run.model.encoder_k, inputs, run.step.spec, None, run.model.queue)[0]
+    a = loss_from_inputs(run.model.encoder_q, run.model.encoder_k, inputs, run.step.spec, noise.shuffle)[0]  # no queue
     b = run.step.forward(batch, noise)[0]
     assert torch.equal(a, b)
 
