@@ -35,8 +35,8 @@ import torch
 from torch import nn
 
 from maskco import cli
+from maskco.atomic_file import atomic_write
 from maskco.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from maskco.checkpoint import atomic_write
 # torchvision's ResNet family; which one a state dict is follows from its key set and shapes
 from maskco.trunk import ARCHS, STEMS, is_torchvision_shaped, resnet
 
