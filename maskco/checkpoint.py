@@ -7,8 +7,8 @@ A checkpoint is ``{"format", "config" (dict), "git", "epoch", "step", "encoder_q
 
 In a run's ``out_dir`` (:class:`Store`):
 
-- ``checkpoint_step00000120.pt``: one file per save, written to ``.tmp-*`` then renamed, so a
-  reader sees a whole file or none (also when the process is killed mid-write);
+- ``checkpoint_step00000120.pt``: one file per save, written to ``.tmp-*`` then renamed
+  (``maskco.atomic_file``), so a reader sees a whole file or none (also when the process is killed mid-write);
 - ``checkpoint_last.pt``: the newest of them (a hard link: no extra space), the name other tools take;
 - ``checkpoints.json``: the kept files, newest first, with their size and SHA-256. Resuming verifies
   the newest against it and falls back to the previous one, with a warning, if it is damaged.
@@ -17,105 +17,29 @@ Only the last ``keep`` good files stay: a file that fails verification (resuming
 file is counted as kept) is moved aside as ``<name>.damaged``, named in one warning, and never counted,
 so a damaged file never costs a good one. Temporary files left by a killed writer are removed when a run
 starts. Files get the permissions of the process umask (like any file the user creates), not
-``tempfile``'s private 0600.
+``tempfile``'s private 0600; a full disk is a :class:`CheckpointError` naming the space needed and free.
 """
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
-import tempfile
 from typing import Callable, Optional
 
 import numpy
 import torch
 
+from maskco.atomic_file import TMP_PREFIX, CheckpointError, atomic_write
 from maskco.config import ARCHITECTURE_KEYS, Config
 
 FORMAT = "maskco-checkpoint-v1"
 LAST = "checkpoint_last.pt"
 MANIFEST = "checkpoints.json"
-TMP_PREFIX = ".tmp-"
 STEP_FILE = re.compile(r"^checkpoint_step(\d+)\.pt$")
 DAMAGED = ".damaged"  # suffix of a file that failed verification, moved aside
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, unreadable, or from an incompatible run; the message names the file."""
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-UMASK = _umask()  # read once at import: os.umask can only be read by setting it
-
-
-class _HashingWriter:
-    """A binary stream that hashes and counts what passes through it (torch.save writes into it)."""
-
-    def __init__(self, stream):
-        self.stream, self.hash, self.size = stream, hashlib.sha256(), 0
-
-    def write(self, data) -> int:
-        self.hash.update(data)
-        self.size += memoryview(data).nbytes  # pickle protocol 5 hands over PickleBuffers, which have no len()
-        return self.stream.write(data)
-
-    def flush(self) -> None:
-        self.stream.flush()
-
-
-def atomic_write(path: str, write: Callable, expected_bytes: int = 0) -> tuple[str, int]:
-    """Call ``write(stream)`` on a temporary file in the same folder, fsync, then os.replace: a reader
-    sees the old file or the new one, never a half-written one (also when the process dies).
-
-    Returns (sha256 hex digest, size) of what was written. A full disk is a :class:`CheckpointError`
-    naming the path, the space needed (``expected_bytes`` when the writer died early) and the space free.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as raw:
-            stream = _HashingWriter(raw)
-            write(stream)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.chmod(tmp, 0o666 & ~UMASK)
-        os.replace(tmp, path)
-        return stream.hash.hexdigest(), stream.size
-    except BaseException as error:
-        written = os.path.getsize(tmp) if os.path.exists(tmp) else 0
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(error, Exception) and _out_of_space(error, folder, max(expected_bytes, written)):
-            free = shutil.disk_usage(folder).free
-            raise CheckpointError(
-                f"no space left on the device to write {path}: it needs about {_mib(max(expected_bytes, written))} "
-                f"and {_mib(free)} is free in {folder}; the previous checkpoint is kept") from None
-        raise
-
-
-def _out_of_space(error: BaseException, folder: str, needed: int) -> bool:
-    """ENOSPC anywhere in the chain, or torch's zip writer failing with less room left than the file needs."""
-    while error is not None:
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if isinstance(error, RuntimeError) and ("file write failed" in str(error) or "unexpected pos" in str(error)):
-            return shutil.disk_usage(folder).free < max(needed, 1 << 20)
-        error = error.__cause__ or error.__context__
-    return False
-
-
-def _mib(size: int) -> str:
-    return f"{size / 2**20:.1f} MiB"
 
 
 def state_bytes(obj) -> int:

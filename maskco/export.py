@@ -35,10 +35,10 @@ import torch
 from torch import nn
 
 from maskco import cli
+from maskco.atomic_file import atomic_write
 from maskco.checkpoint import FORMAT as CHECKPOINT_FORMAT
-from maskco.checkpoint import atomic_write
 # torchvision's ResNet family; which one a state dict is follows from its key set and shapes
-from maskco.model import ARCHS, STEMS, is_torchvision_shaped, resnet
+from maskco.trunk import ARCHS, STEMS, is_torchvision_shaped, resnet
 
 TORCHVISION_FILE = "backbone_torchvision.pth"
 BACKBONE_FILE = "backbone.pth"  # a backbone torchvision cannot hold (small stem, other width), with its shape

@@ -1,5 +1,8 @@
 """The MaskCo network (DESIGN 4.4): ResNet trunk, Mask Prediction Head (MPH), projection head, EMA key copy.
 
+The trunk is built in ``maskco.trunk`` and the MPH in ``maskco.mph``; this module assembles them into
+:class:`Encoder`, with the grouped BatchNorm of virtual GPUs, the RoI pooling and the key encoder.
+
 Paper symbols: ``net_q`` = ``Encoder.backbone`` + ``Encoder.mph``, ``head_q`` = ``Encoder.head``; ``net_k`` /
 ``head_k`` are the same modules of ``build_key_encoder(encoder_q)``, updated by ``momentum_update`` as
 ``p_k = m p_k + (1 - m) p_q``. A step reads::
@@ -11,109 +14,16 @@ Paper symbols: ``net_q`` = ``Encoder.backbone`` + ``Encoder.mph``, ``head_q`` = 
 transfers (``maskco.export.backbone_weights``); the MPH and the head are dropped at transfer time.
 """
 import copy
-import math
 
 import torch
-import torchvision
 from torch import nn
 from torch.nn import functional as F
-from torchvision.models.resnet import Bottleneck
 
 from maskco import dist, roi, vocab
+from maskco.mph import AttentionMPH, conv_mph
+from maskco.trunk import c5_channels, resnet, trunk_stride
 
-ARCHS = tuple(name for name in torchvision.models.resnet.__all__ if name[0].islower())  # resnet18 ... wide_resnet101_2
-MPH_KINDS, ROI_CENTERINGS, STEMS = vocab.MPH_KINDS, vocab.ROI_CENTERINGS, vocab.STEMS
-
-
-class _ScaledResNet(torchvision.models.ResNet):
-    """A torchvision ResNet with every stage's width (and the stem's) multiplied by ``width``.
-
-    torchvision hard-codes 64-128-256-512 planes; this rebuilds the stem and the four stages with
-    ``round(planes * width)`` through torchvision's own ``_make_layer`` (same blocks, same names, so the
-    state dict keeps torchvision's keys) and re-applies torchvision's initialisation to them.
-    """
-
-    def __init__(self, block, layers, width: float, **kwargs):
-        super().__init__(block, layers, **kwargs)
-        planes = [max(1, round(p * width)) for p in (64, 128, 256, 512)]
-        dilate = kwargs.get("replace_stride_with_dilation") or [False, False, False]
-        self.inplanes, self.dilation = planes[0], 1
-        self.conv1 = nn.Conv2d(3, planes[0], kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = self._norm_layer(planes[0])
-        self.layer1 = self._make_layer(block, planes[0], layers[0])
-        for index in range(1, 4):
-            setattr(self, f"layer{index + 1}",
-                    self._make_layer(block, planes[index], layers[index], stride=2, dilate=dilate[index - 1]))
-        self.fc = nn.Linear(planes[3] * block.expansion, self.fc.out_features)
-        _torchvision_init(self)
-
-
-def _torchvision_init(module: nn.Module) -> None:
-    """torchvision ResNet's initialisation (``zero_init_residual=False``) of every conv and norm in ``module``."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-            nn.init.constant_(m.weight, 1)
-            nn.init.constant_(m.bias, 0)
-
-
-def resnet(arch: str = "resnet50", stem: str = "imagenet", width: float = 1.0, dilated: bool = False) -> nn.Module:
-    """A randomly initialised torchvision ResNet with ``fc = nn.Identity()`` (the pooled C5 is its output).
-
-    ``stem="cifar"``: a 3x3 stride-1 conv1 and no max-pool (MoCo's CIFAR demo, solo-learn, lightly), for
-    32-64 px images: C5 at stride 8 (4 when ``dilated``) instead of 32. ``width``: a multiplier on every
-    stage's channels (0.25: 16-32-64-128 for ResNet-18). With the defaults this is exactly
-    ``torchvision.models.<arch>()``, same keys and shapes, so its weights load into torchvision.
-    """
-    if arch not in ARCHS:
-        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
-    if stem not in STEMS:
-        raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
-    if not width > 0:
-        raise ValueError(f"width must be > 0, got {width}")
-    dilation = [False, False, dilated]
-    try:
-        model = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=dilation)
-    except NotImplementedError as error:  # torchvision: "Dilation > 1 not supported in BasicBlock"
-        raise ValueError(f"dilated=True needs a Bottleneck arch (resnet50 and up), got arch={arch!r}") from error
-    if width != 1.0:
-        depths = [len(getattr(model, f"layer{i}")) for i in range(1, 5)]
-        model = _ScaledResNet(type(model.layer1[0]), depths, width, groups=model.groups,
-                              width_per_group=model.base_width, replace_stride_with_dilation=dilation)
-    if stem == "cifar":
-        model.conv1 = nn.Conv2d(3, model.conv1.out_channels, kernel_size=3, stride=1, padding=1, bias=False)
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
-        model.maxpool = nn.Identity()
-    model.fc = nn.Identity()
-    return model
-
-
-def c5_channels(backbone: nn.Module) -> int:
-    """Channels of C5: the last block's output (its last BatchNorm's width)."""
-    last = backbone.layer4[-1]
-    return (last.bn3 if hasattr(last, "bn3") else last.bn2).num_features
-
-
-def is_torchvision_shaped(stem: str, width: float) -> bool:
-    """Whether a backbone of this stem and width loads into ``torchvision.models.<arch>()`` as it is."""
-    return stem == "imagenet" and width == 1.0
-
-
-@torch.no_grad()
-def trunk_stride(backbone: nn.Module, probe: int = 64) -> int:
-    """C5's stride in view pixels, measured: a ``probe`` px image through conv1 ... layer4 (eval mode, so
-    no running statistic moves); 32 for torchvision's stem, 8 for the small-image stem, half when dilated."""
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        weight = backbone.conv1.weight
-        x = torch.zeros(1, 3, probe, probe, device=weight.device, dtype=weight.dtype)
-        b = backbone
-        size = b.layer4(b.layer3(b.layer2(b.layer1(b.maxpool(b.relu(b.bn1(b.conv1(x)))))))).shape[-1]
-    finally:
-        backbone.train(was_training)
-    return probe // size
+MPH_KINDS, ROI_CENTERINGS = vocab.MPH_KINDS, vocab.ROI_CENTERINGS
 
 
 class GroupBatchNorm2d(nn.BatchNorm2d):
@@ -219,67 +129,6 @@ def region_means(features: torch.Tensor, boxes: torch.Tensor, stride: int, centr
                 output_size=output_size, validate_boxes=False)  # [N, L, C]
 
 
-def sine_position_embedding(height: int, width: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
-    """DETR's 2D sine positions (normalize=True, scale 2*pi) -> ``[H*W, dim]``, row-major like ``flatten(2)``.
-
-    The first ``dim / 2`` channels encode y, the rest x; each half interleaves sin and cos over geometric
-    frequencies. Normalising the coordinates to (0, 2*pi] makes a 4x4 map (96-128 px) and a 14x14 map
-    (dilated, 224 px) span the same phase range, so the MPH sees comparable positions at every size.
-    https://github.com/facebookresearch/detr/blob/main/models/position_encoding.py
-    """
-    if dim % 4 != 0:
-        raise ValueError(f"dim must be divisible by 4 for 2D sine positions, got {dim}")
-    half = dim // 2
-    y = torch.arange(1, height + 1, device=device, dtype=torch.float32) / (height + 1e-6) * 2 * math.pi  # [H]
-    x = torch.arange(1, width + 1, device=device, dtype=torch.float32) / (width + 1e-6) * 2 * math.pi  # [W]
-    freq = 10000.0 ** (2 * (torch.arange(half, device=device) // 2) / half)  # [half]
-    pos_y = y[:, None] / freq  # [H, half]
-    pos_x = x[:, None] / freq  # [W, half]
-    pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)  # [H, half]
-    pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)  # [W, half]
-    pos = torch.cat((pos_y[:, None].expand(-1, width, -1), pos_x[None].expand(height, -1, -1)), dim=2)  # [H, W, dim]
-    return pos.flatten(0, 1).to(dtype)  # [H*W, dim]
-
-
-class AttentionMPH(nn.Module):
-    """Residual Transformer MPH: ``x + expand(encoder(reduce(x) + pos))`` on the C5 tokens.
-
-    Pre-norm layers (``norm_first=True``) plus a final LayerNorm: pre-norm keeps an identity path through
-    every layer, so it trains with SGD at MoCo's learning rate without the learning-rate warm-up that
-    post-norm Transformers need, and it matches ViT/MAE. Positions are added once to the input tokens
-    (ViT-style) rather than to q/k of every layer (DETR), which lets us use ``nn.TransformerEncoderLayer``
-    and its fused attention. No dropout (self-supervised pretraining, as MoCo). ``expand`` is
-    zero-initialised, so at initialisation the MPH is exactly the identity and the trunk starts as MoCo's.
-    """
-
-    def __init__(self, channels: int, width: int, layers: int, heads: int):
-        super().__init__()
-        if width % heads != 0 or width % 4 != 0:
-            raise ValueError(f"mph_width ({width}) must be divisible by mph_heads ({heads}) and by 4")
-        self.reduce = nn.Conv2d(channels, width, 1)
-        layer = nn.TransformerEncoderLayer(width, heads, 4 * width, dropout=0.0, activation="gelu",
-                                           batch_first=True, norm_first=True)
-        self.encoder = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(width), enable_nested_tensor=False)
-        self.expand = nn.Conv2d(width, channels, 1)
-        nn.init.zeros_(self.expand.weight)
-        nn.init.zeros_(self.expand.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape  # x: [N, C, H, W]
-        t = self.reduce(x).flatten(2).transpose(1, 2)  # [N, H*W, D]; a free view when x is channels_last
-        t = t + sine_position_embedding(h, w, t.shape[-1], t.device, t.dtype)  # [N, H*W, D]
-        t = self.encoder(t)  # [N, H*W, D]
-        return x + self.expand(t.transpose(1, 2).reshape(n, -1, h, w))  # [N, C, H, W]
-
-
-def conv_mph(channels: int) -> nn.Sequential:
-    """Two torchvision Bottleneck blocks at C5 width; the last BN of each starts at gamma 0 (identity at init)."""
-    blocks = [Bottleneck(channels, channels // Bottleneck.expansion) for _ in range(2)]
-    for block in blocks:
-        nn.init.zeros_(block.bn3.weight)
-    return nn.Sequential(*blocks)
-
-
 class Encoder(nn.Module):
     """ResNet trunk -> MPH -> RoI average pool -> projection head; one of the two MaskCo branches.
 
@@ -287,8 +136,8 @@ class Encoder(nn.Module):
     ``embed(features, boxes)``: boxes ``[N, L, 4]`` xyxy in view pixels -> ``[N, L, head_dim]`` unit vectors;
     ``boxes=None`` global-average-pools instead (L = 1): the ``mocov2`` baseline on the same network.
     ``dilated`` turns layer4's stride into dilation (stride 16); the weights keep torchvision's shapes.
-    ``stem`` / ``width``: the small-image stem and a channel multiplier (:func:`resnet`); ``stride`` is
-    measured on the built trunk (:func:`trunk_stride`), so boxes map to C5 correctly for every variant.
+    ``stem`` / ``width``: the small-image stem and a channel multiplier (``trunk.resnet``); ``stride`` is
+    measured on the built trunk (``trunk.trunk_stride``), so boxes map to C5 correctly for every variant.
     ``roi_fused`` picks ``roi.roi_pool`` (separable matmul, DESIGN 4.5) over the torchvision reference.
     ``roi_centering`` sets ``cell_centre``, where cell 0 looks in view pixels (see :func:`cell_centre`):
     ``receptive`` centres each RoI on its box through the trunk; ``half_pixel`` is the old mapping (ablation).

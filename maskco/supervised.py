@@ -23,7 +23,8 @@ from maskco.config import Config, peak_lr
 from maskco.evaluate.knn import knn_monitor
 from maskco.export import export_backbone
 from maskco.method import MethodSpec, draw_noise, inputs_from_noise
-from maskco.model import c5_channels, param_groups, resnet, set_virtual_gpus
+from maskco.model import param_groups, set_virtual_gpus
+from maskco.trunk import c5_channels, resnet
 from maskco.step import step_seed
 
 

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from maskco import checkpoint
+from maskco import atomic_file, checkpoint
 from maskco.train import EXIT_DIVERGED, main
 from pipelines.sample_data import make_sample_data
 from tests.test_train import ROOT, TINY, losses, records
@@ -190,9 +190,9 @@ def test_stale_temporary_files_are_removed_and_files_follow_the_umask(tmp_path, 
     assert not stale.exists()
     assert any(str(stale) in r.get("warning", "") for r in records(str(out_dir)))
     assert not [n for n in os.listdir(out_dir) if n.startswith(".tmp-")]
-    # checkpoint.UMASK was read when the module was imported (the test's umask then: 022 or similar)
+    # atomic_file.UMASK was read when the module was imported (the test's umask then: 022 or similar)
     mode = os.stat(out_dir / checkpoint.LAST).st_mode & 0o777
-    assert mode == 0o666 & ~checkpoint.UMASK
+    assert mode == 0o666 & ~atomic_file.UMASK
 
 
 def _tmpfs(path: str, size: str) -> bool:

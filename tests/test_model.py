@@ -7,6 +7,7 @@ import torchvision
 from torch import nn
 
 from maskco import export, model
+from maskco.mph import AttentionMPH, sine_position_embedding
 
 
 def small_encoder(**overrides) -> model.Encoder:
@@ -113,7 +114,7 @@ def test_mph_is_the_identity_at_init(mph):
 
 @pytest.mark.parametrize("size", [3, 4, 7, 14])  # 96-128 px resnet18, 224 px, 224 px dilated
 def test_attention_mph_runs_at_trainer_sizes_and_keeps_channels_last(size):
-    mph = model.AttentionMPH(channels=64, width=32, layers=2, heads=4)
+    mph = AttentionMPH(channels=64, width=32, layers=2, heads=4)
     perturb_(mph, seed=3)
     x = torch.randn(2, 64, size, size).to(memory_format=torch.channels_last)
     y = mph(x)
@@ -124,7 +125,7 @@ def test_attention_mph_runs_at_trainer_sizes_and_keeps_channels_last(size):
 
 
 def test_sine_position_embedding_matches_detr():
-    pos = model.sine_position_embedding(3, 4, 8).view(3, 4, 8)  # [H, W, dim]
+    pos = sine_position_embedding(3, 4, 8).view(3, 4, 8)  # [H, W, dim]
     y, x = 2, 1  # row 2 of 3, column 1 of 4 (0-based)
     freq = [10000 ** (2 * (i // 2) / 4) for i in range(4)]
     def encode(coord, n):  # DETR: normalised cumsum coordinate, sin on even channels, cos on odd
@@ -132,7 +133,7 @@ def test_sine_position_embedding_matches_detr():
         return [math.sin(a / f) if i % 2 == 0 else math.cos(a / f) for i, f in enumerate(freq)]
     torch.testing.assert_close(pos[y, x], torch.tensor(encode(y, 3) + encode(x, 4)))
     with pytest.raises(ValueError, match="dim"):
-        model.sine_position_embedding(3, 3, 6)
+        sine_position_embedding(3, 3, 6)
 
 
 def test_roi_fused_matches_reference():

@@ -68,7 +68,7 @@ def test_bad_values_are_errors(tmp_path):
 
 
 def test_every_config_key_has_a_value_rule():
-    from maskco.config import RULES
+    from maskco.config_rules import RULES
 
     assert sorted(RULES) == sorted(valid_keys())
 

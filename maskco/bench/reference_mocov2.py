@@ -6,7 +6,7 @@ Nothing of the trainer's step, loader, augmentation, loss or optimiser is used: 
 on the Fashion-MNIST arrays (RandomResizedCrop(32, 0.2-1) of the 28 px image, flip, brightness and
 contrast 0.4 with p 0.8), MoCo's CIFAR-demo SplitBatchNorm (``view(N/G, G*C, H, W)``) in both encoders,
 the key batch shuffled across the groups, a queue, an EMA key encoder and SGD with a per-step cosine,
-as MoCo's ``builder.py`` and CIFAR demo write them. Only the backbone's constructor (``model.resnet``,
+as MoCo's ``builder.py`` and CIFAR demo write them. Only the backbone's constructor (``trunk.resnet``,
 random init) and the evaluation (``evaluate.knn.knn_monitor`` on the same labelled folders) are shared,
 so the figures sit on the same axis as the trainer's monitor points.
 
@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from PIL import Image
 
-from maskco import model as model_lib
+from maskco import trunk
 from maskco.evaluate.knn import knn_monitor
 from pipelines import fmnist
 
@@ -65,8 +65,8 @@ class Encoder(nn.Module):
 
     def __init__(self, arch, stem, width, groups, hidden, dim=128):
         super().__init__()
-        self.backbone = split_bn(model_lib.resnet(arch, stem, width), groups)
-        c5 = model_lib.c5_channels(self.backbone)
+        self.backbone = split_bn(trunk.resnet(arch, stem, width), groups)
+        c5 = trunk.c5_channels(self.backbone)
         hidden = hidden or c5
         self.head = nn.Sequential(nn.Linear(c5, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
 

@@ -35,7 +35,8 @@ from maskco import cli
 from maskco.build import encoder_of
 from maskco.config import Config, ConfigError, build_config, config_from_dict
 from maskco.method import MethodSpec, ready_inputs
-from maskco.model import AttentionMPH, Encoder, sine_position_embedding, unwrap
+from maskco.model import Encoder, unwrap
+from maskco.mph import AttentionMPH, sine_position_embedding
 
 DEFAULT_IMAGES = 512
 
