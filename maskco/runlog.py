@@ -118,6 +118,13 @@ class RunLog:
 
             self.bar = tqdm(total=total_steps, initial=done, unit="step", dynamic_ncols=True, file=sys.stderr)
 
+    def stop_progress(self) -> None:
+        """Training has ended: the bar draws its last state now, so that the lines that say how the run
+        ended come after it, not before its final redraw."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
@@ -203,8 +210,7 @@ class RunLog:
     def close(self) -> None:
         if self.started and self.pending:
             self._flush()
-        if self.bar is not None:
-            self.bar.close()
+        self.stop_progress()
         if self.writer is not None:
             self.writer.close()
         if self.file is not None:

@@ -139,6 +139,7 @@ def test_terminal_run_shows_human_lines_and_no_json(tmp_path, sample_root):
                  f"data      {sample_root}: 24 images, backend torch", "start     fresh start",
                  "step 2/2  loss ", "img/s ", "data wait ", "finished  2 steps in", "backbone_torchvision.pth"):
         assert text in shown, (text, shown)
+    assert shown.strip().splitlines()[-1].startswith("finished  2 steps in"), shown  # the bar's last redraw before it
     with open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8") as handle:
         log = [json.loads(line) for line in handle]
     assert "config" in log[0] and log[-1]["finished"]

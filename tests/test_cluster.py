@@ -260,7 +260,7 @@ def test_a_nan_loss_stops_the_run_without_saving_nan(tmp_path, sample_root, caps
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path, sample_root, monkeypatch):
-    import maskco.train as train_module
+    import maskco.trainer as train_module
 
     monkeypatch.setattr(train_module, "weights_finite", lambda module: False)
     out_dir = str(tmp_path / "inf")
