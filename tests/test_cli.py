@@ -9,6 +9,7 @@ import json
 import os
 import pty
 import shutil
+import io
 import subprocess
 import sys
 
@@ -139,10 +140,29 @@ def test_terminal_run_shows_human_lines_and_no_json(tmp_path, sample_root):
                  f"data      {sample_root}: 24 images, backend torch", "start     fresh start",
                  "step 2/2  loss ", "img/s ", "data wait ", "finished  2 steps in", "backbone_torchvision.pth"):
         assert text in shown, (text, shown)
-    assert shown.strip().splitlines()[-1].startswith("finished  2 steps in"), shown  # the bar's last redraw before it
     with open(os.path.join(out_dir, "log.jsonl"), encoding="utf-8") as handle:
         log = [json.loads(line) for line in handle]
     assert "config" in log[0] and log[-1]["finished"]
+
+
+class _Screen(io.StringIO):
+    """stdout and stderr of a terminal, as one buffer in the order things were written."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_bar_draws_its_last_state_before_the_summary(tmp_path, sample_root, monkeypatch):
+    from maskco.train import main
+
+    screen = _Screen()
+    monkeypatch.setattr(sys, "stdout", screen)
+    monkeypatch.setattr(sys, "stderr", screen)
+    assert main([*TINY, f"--data={sample_root}", f"--out_dir={tmp_path / 'bar'}", "--max_steps=2"]) == 0
+    shown = screen.getvalue()
+    summary = shown.index("finished  2 steps in")
+    assert "2/2 [" in shown[:summary], shown  # the bar at its end, drawn before the summary line
+    assert "2/2 [" not in shown[summary:], shown  # and not redrawn after it
 
 
 def test_piped_run_prints_json_and_a_rerun_of_a_finished_run_does_nothing(tmp_path, sample_root):
