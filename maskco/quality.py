@@ -294,10 +294,10 @@ def prepare_data(args) -> dict:
 
 
 def main(argv=None) -> int:
-    from maskco import quality_report
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    from maskco import quality_report  # torch loads here, after the arguments are good (--help needs none)
     from pipelines import DataError
 
-    args = parse_args(sys.argv[1:] if argv is None else argv)
     args.config = PRESETS[args.preset]["config"]
     try:
         cfg = build_config([args.config, *args.overrides])

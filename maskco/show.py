@@ -16,16 +16,15 @@ from __future__ import annotations
 import math
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import pipelines
-from pipelines.sample_data import resolve_source
-from maskco import augment, cli
+from maskco import cli
 from maskco.config import ConfigError, build_config
-from maskco.evaluate import localise
-from maskco.method import MethodSpec, ready_inputs
+
+if TYPE_CHECKING:  # torch, the data and the method load where they are used: --help answers without them
+    import torch
 
 POSITIVE, NEGATIVE, MASKED, PEAK = (40, 220, 40), (230, 40, 40), (250, 220, 0), (255, 255, 255)
 SHOWN_NEGATIVES = 4  # of the M negative boxes: drawn thin, so that the key view stays visible
@@ -46,6 +45,10 @@ def _draw(image: Image.Image, box, color, scale: int, width=2) -> None:
 
 
 def _denormalise(x: torch.Tensor) -> torch.Tensor:
+    import torch
+
+    from maskco import augment
+
     mean = torch.tensor(augment.IMAGENET_MEAN, device=x.device)[:, None, None]
     std = torch.tensor(augment.IMAGENET_STD, device=x.device)[:, None, None]
     return ((x.float() * std + mean).clamp(0, 1) * 255).round().to(torch.uint8)
@@ -77,6 +80,7 @@ def _legend(draw: ImageDraw.ImageDraw, top: int, width: int, negatives: int, sho
 
 def _colours(values: torch.Tensor) -> torch.Tensor:
     """values in [0, 1], any shape -> uint8 RGB ``[..., 3]`` of the colour map."""
+    import torch
     from matplotlib import colormaps  # a dependency of the project (the bench's chart)
 
     table = torch.from_numpy(colormaps[COLOURMAP](torch.linspace(0, 1, 256).numpy())[:, :3] * 255)
@@ -85,6 +89,8 @@ def _colours(values: torch.Tensor) -> torch.Tensor:
 
 def _heatmap(view: torch.Tensor, values: torch.Tensor, scale: int) -> Image.Image:
     """A ``[H, W]`` map, min-max scaled, upsampled (bilinear) and blended over a uint8 view ``[3, S, S]``."""
+    import torch
+
     side = view.shape[-1] * scale
     low, high = values.min(), values.max()
     unit = (values - low) / (high - low) if high > low else torch.zeros_like(values)
@@ -106,6 +112,8 @@ def _mark(image: Image.Image, point, scale: int) -> None:
 
 def _colour_bar(grid: Image.Image, top: int) -> None:
     """The heatmaps' key under the grid: the colour map from each row's lowest to its highest value."""
+    import torch
+
     draw, font = ImageDraw.Draw(grid), _font(12)
     width, left = 160, GAP
     bar = _colours(torch.linspace(0, 1, width))[None].expand(10, -1, -1)  # [10, width, 3]
@@ -194,6 +202,13 @@ def main(argv=None) -> int:
     if parsed.help:
         print(cli.usage_text("python -m maskco.show", SUMMARY, OWN, " [--out PATH] [--images N] [--checkpoint PATH]"))
         return 0
+    import torch
+
+    import pipelines
+    from pipelines.sample_data import resolve_source
+    from maskco.evaluate import localise
+    from maskco.method import MethodSpec, ready_inputs
+
     out, images, path = parsed.options["out"], parsed.options["images"], parsed.options["checkpoint"]
     if images < 1:
         raise ConfigError(f"--images must be >= 1, got {images}")

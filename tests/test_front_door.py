@@ -76,3 +76,20 @@ def test_the_configuration_and_the_command_line_load_no_torch():
             "print(sorted(m for m in ('torch', 'numpy', 'pipelines') if m in sys.modules))")
     result = run(sys.executable, "-c", code)
     assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
+def test_the_tools_answer_help_without_torch():
+    # the entry points parse first and load torch, the data and the method only to run (maskco.train's rule);
+    # maskco.launch is torchrun's parser, and the evaluations and export share their module with their library
+    tools = ("maskco.quality", "maskco.show", "maskco.bench")
+    code = ("import runpy, sys\n"
+            f"for name in {tools!r}:\n"
+            "    sys.argv = [name, '--help']\n"
+            "    try:\n"
+            "        runpy.run_module(name, run_name='__main__')\n"
+            "    except SystemExit as stop:\n"
+            "        assert stop.code == 0, (name, stop.code)\n"
+            "    assert 'torch' not in sys.modules, name\n"
+            "print('no torch')")
+    result = run(sys.executable, "-c", code)
+    assert result.returncode == 0 and result.stdout.strip().endswith("no torch"), result.stdout + result.stderr

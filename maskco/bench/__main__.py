@@ -27,21 +27,20 @@ from __future__ import annotations
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
-import torch
-
-import pipelines
 from maskco import cli
-from maskco.bench import micro
-from maskco.bench.baselines import baseline_loader, decode_ceiling
-from maskco.bench import capture
-from maskco.bench.figures import MODES, backend_figures, compile_figures, step_figures
-from maskco.bench.report import Rows, environment, report, targets
 from maskco.config import MOCOV2, build_config
+
+if TYPE_CHECKING:  # torch and the figures load where they are used: --help answers without them
+    from maskco.bench.report import Rows
 
 
 def main(argv=None) -> int:
     args, device = _options(argv)
+    from maskco.bench.figures import compile_figures, step_figures
+    from maskco.bench.report import Rows, environment
+
     cfg = build_config([args.config] if args.config else [], base=dict(
         arch=args.arch, batch_size=args.batch_size, image_size=args.image_size,
         box_min_size=min(16.0, args.image_size / 8), workers=args.threads))
@@ -114,6 +113,10 @@ def _options(argv) -> tuple:
     and skip as a set; a mode the device cannot run is a usage error (exit 2)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    import torch  # after the arguments are good (--help, a usage error: none loaded)
+
+    from maskco.bench.figures import MODES
+
     args.batches = args.batches or max(8, 8 * args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
@@ -131,6 +134,9 @@ def _options(argv) -> tuple:
 
 def _backends(rows: Rows, args, cfg, device, root: str) -> None:
     """Each wanted backend's loader, ready and end-to-end figures, or a row saying why it was skipped."""
+    import pipelines
+    from maskco.bench.figures import backend_figures
+
     wanted = list(pipelines.BACKENDS) if args.backend == "all" else args.backend.split(",")
     available = pipelines.available_backends()
     for backend in wanted:
@@ -155,6 +161,8 @@ def _backends(rows: Rows, args, cfg, device, root: str) -> None:
 def _baselines(rows: Rows, args, device, root: str) -> None:
     """The decode ceiling, the reference MoCo v2 loader and the RoI pool / loss micro-benchmarks."""
     from pipelines.sources import list_images
+    from maskco.bench import micro
+    from maskco.bench.baselines import baseline_loader, decode_ceiling
 
     paths = list_images(root).paths
     if "decode" not in args.skip:
@@ -169,6 +177,8 @@ def _baselines(rows: Rows, args, device, root: str) -> None:
 
 def _finish(rows: Rows, out_dir: str, env: dict) -> int:
     """The table, the chart, the skipped figures and the targets; then the exit code (_captured)."""
+    from maskco.bench.report import report, targets
+
     measured = [r for r in rows.rows if r["figure"] != "skipped"]
     report(measured, out_dir, env)
     for row in rows.rows:
@@ -182,6 +192,8 @@ def _finish(rows: Rows, out_dir: str, env: dict) -> int:
 
 def _captured(rows: list[dict]) -> int:
     """0, or 3 after saying loudly which graph-captured figure did not replay CUDA graphs."""
+    from maskco.bench import capture
+
     problems = capture.check(rows)
     for line in problems:
         print(f"ERROR: {line}", file=sys.stderr, flush=True)
