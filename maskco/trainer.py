@@ -13,7 +13,6 @@ from typing import Optional
 import torch
 
 import pipelines
-from pipelines import DataError
 from pipelines.sample_data import resolve_source
 from maskco import checkpoint, cli as grammar, dist, trainlog
 from maskco.build import Run, build_run
@@ -21,12 +20,8 @@ from maskco.config import Config, ConfigError
 from maskco.engine import Diverged, LoopState, train
 from maskco.export import export_backbone
 from maskco.model import unwrap
-from maskco.runlog import OutDirError, RunLog, git_revision
-from maskco.train import EXIT_DIVERGED
-
-# bad input or a bad checkpoint: one line, exit 2, no traceback (maskco.train.known_errors)
-KNOWN_ERRORS = (DataError, checkpoint.CheckpointError, ConfigError, OutDirError, ImportError)
-
+from maskco.runlog import RunLog, git_revision
+from maskco.train import EXIT_DIVERGED, known_errors
 
 def checkpoint_state(cfg: Config, run: Run, state: LoopState, steps_per_epoch: int, data: dict) -> dict:
     model = run.model
@@ -184,9 +179,8 @@ class Trainer:
         began, first_step = time.perf_counter(), state.step
         try:
             state = train(self.run, self.loader, state, log.write, self.save, self.epoch_end)
-            log.stop_progress()
         except Diverged as error:
-            log.stop_progress()
+            log.stop_progress()  # before the error line (the finally below comes after it)
             message = (f"{error}; nothing from it was saved, the last good checkpoint is "
                        f"{checkpoint.latest(cfg.out_dir) or 'none'} (try a lower base_lr, or bf16/fp32 instead of "
                        "fp16)")
@@ -196,11 +190,12 @@ class Trainer:
             self.finish()
             return EXIT_DIVERGED
         except BaseException as error:  # a crash, or a second Ctrl-C: into the log with its step, then up to cli()
-            if state.step > first_step or not isinstance(error, KNOWN_ERRORS):  # bad input at once: as if at start
+            if state.step > first_step or not isinstance(error, known_errors()):  # bad input at once: as if at start
                 log.record_failure(failure_record(error, state.step, self.info.rank))
             error.during_training = True  # this rank's own: said by this rank (cli)
             raise
         finally:
+            log.stop_progress()  # its last state drawn before the lines that say how the run ended
             self.loader.close()  # its workers end now, whatever happened (pipelines.close_all is the backstop)
         return self.report(state, time.perf_counter() - began)
 
@@ -246,7 +241,7 @@ def failure_record(error: BaseException, step: int, rank: int) -> dict:
     if isinstance(error, KeyboardInterrupt):
         return {"interrupted": "SIGINT", "step": step, "rank": rank,
                 "hint": "a second Ctrl-C gives up at once: run the same command again to resume"}
-    text = grammar.one_line(error) if isinstance(error, KNOWN_ERRORS) else \
+    text = grammar.one_line(error) if isinstance(error, known_errors()) else \
         "".join(traceback.format_exception(error)).rstrip()
     return {"error": text, "type": type(error).__name__, "step": step, "rank": rank}
 
