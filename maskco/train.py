@@ -25,6 +25,16 @@ EXIT_CRASH = 1  # an unexpected exception, as Python itself exits on one
 EXIT_SIGINT = 130  # a second Ctrl-C: given up at once, without a checkpoint of this step
 
 
+def given_up(error: BaseException) -> bool:
+    """``error`` was raised while a second Ctrl-C was unwinding (e.g. torch.save failing to close the file
+    the KeyboardInterrupt cut short): the user gave up, whatever the library said on the way out."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def known_errors() -> tuple:
     """The error types that mean bad input or a bad checkpoint: one line, exit 2, no traceback. A
     DataError joins once the data side is loaded (none can be raised before)."""
@@ -78,7 +88,12 @@ def cli() -> int:
     truncated in place) leaves a stack trace."""
     faulthandler.enable()
     try:
-        return main()
+        try:
+            return main()
+        except Exception as error:
+            if given_up(error):  # a library's own error on the way out of a second Ctrl-C: still the Ctrl-C
+                raise KeyboardInterrupt from error
+            raise
     except KeyboardInterrupt:
         print("maskco.train: interrupted by a second Ctrl-C; run the same command again to resume from the last "
               "checkpoint", file=sys.stderr)

@@ -21,7 +21,7 @@ from maskco.engine import Diverged, LoopState, train
 from maskco.export import export_backbone
 from maskco.model import unwrap
 from maskco.runlog import RunLog, git_revision
-from maskco.train import EXIT_DIVERGED, known_errors
+from maskco.train import EXIT_DIVERGED, given_up, known_errors
 
 def checkpoint_state(cfg: Config, run: Run, state: LoopState, steps_per_epoch: int, data: dict) -> dict:
     model = run.model
@@ -238,7 +238,7 @@ class Trainer:
 def failure_record(error: BaseException, step: int, rank: int) -> dict:
     """The log record of a run that ended on an exception after ``step`` steps: one line for a known
     error type, the traceback for anything else."""
-    if isinstance(error, KeyboardInterrupt):
+    if given_up(error):  # a second Ctrl-C, or a library's error on its way out
         return {"interrupted": "SIGINT", "step": step, "rank": rank,
                 "hint": "a second Ctrl-C gives up at once: run the same command again to resume"}
     text = grammar.one_line(error) if isinstance(error, known_errors()) else \

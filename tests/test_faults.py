@@ -191,6 +191,22 @@ def test_a_second_ctrl_c_gives_up_at_once_and_ends_every_worker(tmp_path, sample
     assert not [n for n in os.listdir(out_dir) if n.startswith(checkpoint.TMP_PREFIX)]
 
 
+def test_a_library_error_on_the_way_out_of_a_second_ctrl_c_is_still_the_ctrl_c(monkeypatch, capfd):
+    """A second Ctrl-C inside torch.save makes torch raise its own RuntimeError while closing the file the
+    KeyboardInterrupt cut short: the run still ends as a second Ctrl-C (130, one line), not a crash (1)."""
+    from maskco import train
+
+    def interrupted_in_a_library():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+
+    monkeypatch.setattr(train, "main", interrupted_in_a_library)
+    assert train.cli() == 130
+    assert "interrupted by a second Ctrl-C" in capfd.readouterr().err
+
+
 # ---- 3. a user's script that iterates a loader and leaves without close()
 @pytest.mark.parametrize("backend, workers", CELLS)
 def test_a_script_that_forgets_close_exits(sources, backend, workers):
