@@ -23,6 +23,12 @@ matched by suffix.
 """
 from __future__ import annotations
 
+from maskco import tool_args
+
+if __name__ == "__main__":  # the flags first, then torch: --help and a bad flag answer at once (tool_args)
+    tool_args.run_as_main("maskco.export", tool_args.export_args, (ValueError, OSError))
+
+import argparse
 import functools
 import json
 import os
@@ -34,11 +40,10 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from maskco import cli
 from maskco.atomic_file import atomic_write
 from maskco.checkpoint import FORMAT as CHECKPOINT_FORMAT
 # torchvision's ResNet family; which one a state dict is follows from its key set and shapes
-from maskco.trunk import ARCHS, STEMS, is_torchvision_shaped, resnet
+from maskco.trunk import ARCHS, is_torchvision_shaped, resnet
 
 TORCHVISION_FILE = "backbone_torchvision.pth"
 BACKBONE_FILE = "backbone.pth"  # a backbone torchvision cannot hold (small stem, other width), with its shape
@@ -72,32 +77,8 @@ def _reference(arch: str, stem: str = "imagenet", width: float = 1.0) -> dict:
         return random_backbone(arch, stem, width).state_dict()
 
 
-def add_shape_arguments(parser) -> None:
-    """``--arch``, ``--stem`` and ``--width`` of a tool that builds or checks a backbone."""
-    parser.add_argument("--arch", choices=ARCHS, help="backbone arch (default: from the checkpoint or its key shapes)")
-    parser.add_argument("--stem", choices=STEMS, default=None,
-                        help="with --random-init: the stem (default imagenet); a checkpoint records its own")
-    parser.add_argument("--width", type=float, default=None,
-                        help="with --random-init: the channel multiplier (default 1); a checkpoint records its own")
-
-
-def add_backbone_arguments(parser, random_init_help: str = "a randomly initialised --arch (baseline)") -> None:
-    """``--checkpoint`` or ``--random-init`` (one of them required), then the shape arguments: the backbone an
-    evaluation tool measures. After parsing, :func:`check_backbone_arguments`; then :func:`backbone_from_args`."""
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="pretraining checkpoint or exported torchvision backbone")
-    source.add_argument("--random-init", action="store_true", help=random_init_help)
-    add_shape_arguments(parser)
-
-
-def check_backbone_arguments(parser, args) -> None:
-    """A random init has no checkpoint to read its arch from: it needs ``--arch`` (else exit 2, one line)."""
-    if args.random_init and not args.arch:
-        parser.error("--random-init needs --arch")
-
-
 def backbone_from_args(args) -> nn.Module:
-    """The backbone :func:`add_backbone_arguments`' flags name: a random init of that shape (the stem and
+    """The backbone ``tool_args.add_backbone_arguments``' flags name: a random init of that shape (the stem and
     width default to imagenet and 1), or the checkpoint's (its arch checked against ``--arch`` if given)."""
     if args.random_init:
         return random_backbone(args.arch, args.stem or "imagenet", args.width or 1.0)
@@ -273,14 +254,12 @@ def export_detectron2(state_dict: Mapping, path: str, layout: str = "c4") -> Non
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = cli.ArgumentParser(prog="python -m maskco.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="pretraining checkpoint (or an exported torchvision backbone)")
-    parser.add_argument("--out-dir", required=True, help="folder for the exported files")
-    parser.add_argument("--arch", default=None, choices=ARCHS, metavar="ARCH",
-                        help=f"expected arch, one of {', '.join(ARCHS)} (default: from the checkpoint / key shapes)")
-    parser.add_argument("--detectron2-layout", choices=sorted(DETECTRON2_LAYOUTS), default="c4",
-                        help="where detectron2 keeps each stage: c4 (R50-C4, default) or fpn")
-    args = parser.parse_args(argv)
+    """Parse ``argv`` (``tool_args.export_args``) and :func:`run`: the export's record."""
+    return run(tool_args.export_args(argv))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Export the checkpoint ``args`` name into ``args.out_dir``; prints the record of what was written."""
     backbone = load_backbone(args.checkpoint, args.arch)  # validates arch and shapes once, for both outputs
     weights = backbone.state_dict()
     shape = _shape_of(backbone)
@@ -309,9 +288,3 @@ def _shape_of(backbone: nn.Module) -> dict:
     arch = next(a for a in ARCHS if _shapes(_reference(a, stem, width)) == _shapes(backbone.state_dict()))
     return {"arch": arch, "stem": stem, "width": width}
 
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as error:  # bad input or an unwritable --out-dir: one clear line, exit 2
-        raise SystemExit(cli.fail("maskco.export", error)) from None

@@ -11,7 +11,7 @@ from torch import nn
 
 from maskco import vocab
 
-ARCHS = tuple(name for name in torchvision.models.resnet.__all__ if name[0].islower())  # resnet18 ... wide_resnet101_2
+ARCHS = vocab.ARCHS  # torchvision's ResNet family, resnet18 ... wide_resnet101_2 (a test checks the list)
 STEMS = vocab.STEMS
 
 

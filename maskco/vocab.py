@@ -8,6 +8,10 @@ that the configuration (``maskco.config``) and everything that only reads a conf
 from __future__ import annotations
 
 METHODS = ("maskco", "mocov2")
+# torchvision's ResNet family (torchvision.models.resnet.__all__'s constructors; maskco.trunk builds them, a
+# test checks the two lists agree)
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
+         "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 STEMS = ("imagenet", "cifar")  # 7x7 stride-2 conv1 + max-pool | 3x3 stride-1 conv1, no max-pool
 MPH_KINDS = ("attn", "conv", "none")  # Mask Prediction Head: 2 Transformer layers | 2 Bottlenecks | ablation
 ROI_CENTERINGS = ("receptive", "half_pixel")  # box -> C5 mapping (maskco.model.cell_centre)
@@ -26,3 +30,14 @@ CROP_RATIO = (3 / 4, 4 / 3)  # aspect ratio
 JITTER = (0.4, 0.4, 0.4, 0.1)  # ColorJitter brightness, contrast, saturation, hue
 JITTER_PROB, GRAY_PROB, BLUR_PROB = 0.8, 0.2, 0.5
 BLUR_SIGMA = (0.1, 2.0)  # Gaussian blur sigma range, pixels
+
+# The linear probe (maskco.evaluate.linear): which stages it reads, how it pools them, and each protocol's
+# defaults. multilayer: lr and milestones [paper], the rest OpenSelfSup's r50_multihead.py; lastlayer: MoCo.
+PROTOCOLS = ("multilayer", "lastlayer")
+POOLINGS = ("fixed", "adaptive")
+PROTOCOL_DEFAULTS = {
+    "multilayer": {"epochs": 90, "lr": 0.1, "weight_decay": 1e-4, "milestones": [30, 60], "nesterov": True,
+                   "color_jitter": True, "lighting": True},
+    "lastlayer": {"epochs": 100, "lr": 30.0, "weight_decay": 0.0, "milestones": [60, 80], "nesterov": False,
+                  "color_jitter": False, "lighting": False},
+}

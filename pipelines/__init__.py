@@ -19,14 +19,15 @@ import signal
 import sys
 import weakref
 from dataclasses import dataclass, fields
-from typing import Iterator, Optional, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Iterator, Optional, Protocol, runtime_checkable
 
 import numpy
-import torch
-import torch.utils.data  # noqa: F401  (imported before close_all is registered: see there)
 
 from maskco import vocab
 from pipelines.sources import DataError  # noqa: F401  (re-exported: the one error type for bad data)
+
+if TYPE_CHECKING:  # no torch at import: a data tool's --help (python -m pipelines.fmnist ...) answers at once
+    import torch
 
 
 @dataclass
@@ -150,6 +151,8 @@ def build_loader(
         hint = INSTALL_HINTS.get(backend, "")
         raise ImportError(f"data backend {backend!r} is not available ({error}); {hint}") from error
     build = getattr(module, function_name)
+    import torch  # loaded with the backend already; here for the device argument only
+
     return track(build(
         source,
         batch_size=batch_size,
@@ -168,10 +171,19 @@ def build_loader(
 
 # Every loader not yet garbage-collected, closed when the interpreter exits (close_all).
 _LIVE: "weakref.WeakSet[Loader]" = weakref.WeakSet()
+_REGISTERED = False  # close_all is registered with atexit (at the first loader: see track)
 
 
 def track(loader: Loader) -> Loader:
-    """Close ``loader`` at interpreter exit if nobody did (returns it). build_loader tracks every loader."""
+    """Close ``loader`` at interpreter exit if nobody did (returns it). build_loader tracks every loader.
+
+    :func:`close_all` is registered at the first loader, when the backend has imported ``multiprocessing``
+    and ``torch.utils.data``: atexit runs last-registered first, so it runs before their exit handlers.
+    """
+    global _REGISTERED
+    if not _REGISTERED:
+        atexit.register(close_all)
+        _REGISTERED = True
     _LIVE.add(loader)
     return loader
 
@@ -182,7 +194,7 @@ def close_all() -> None:
     Loader workers ignore SIGTERM (:func:`ignore_stop_signals`), so multiprocessing's own exit handler,
     which sends SIGTERM to its daemon children and then joins them without a timeout, would wait forever
     for a worker that nobody closed (a script that forgot ``close()``, a crash mid-epoch). Registered
-    after ``multiprocessing.util`` and ``torch.utils.data`` (imported above), so it runs before both of
+    after ``multiprocessing.util`` and ``torch.utils.data`` (:func:`track`), so it runs before both of
     their exit handlers (atexit runs last-registered first), while the workers can still be shut down.
     """
     for loader in list(_LIVE):
@@ -191,8 +203,6 @@ def close_all() -> None:
         except Exception as error:  # one loader's failure must not keep the others' workers alive
             print(f"pipelines: closing {type(loader).__name__} at exit failed: {error}", file=sys.stderr)
 
-
-atexit.register(close_all)
 
 
 def epoch_shard(num_samples: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,

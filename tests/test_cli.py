@@ -103,11 +103,10 @@ def test_config_grammar_spellings_are_the_same():
 
 
 def test_argparse_tools_take_underscores_and_no_flags(tmp_path):
-    from maskco import quality
-    from maskco.evaluate import linear
+    from maskco import quality, tool_args
 
-    args = linear.parse_args(["--random_init", "--arch", "resnet18", "--train=a", "--val", "b", "--out_dir", "o",
-                              "--no-nesterov", "--weight_decay=1e-4"])
+    args = tool_args.linear_args(["--random_init", "--arch", "resnet18", "--train=a", "--val", "b", "--out_dir", "o",
+                                  "--no-nesterov", "--weight_decay=1e-4"])
     assert (args.random_init, args.out_dir, args.nesterov, args.weight_decay) == (True, "o", False, 1e-4)
     args = quality.parse_args(["--out_dir", "q", "--momentum", "0.99", "--weight_decay=1e-4", "--no-compile"])
     assert args.out_dir == "q"

@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from maskco.augment import normalize
+from maskco import tool_args
 from maskco.checkpoint import file_sha256
 from maskco.evaluate import knn, linear, linear_augment
 from maskco.evaluate.features import MultiLayerFeatures, source_classes
@@ -219,13 +220,13 @@ def test_lighting_matches_a_per_image_reference():
 
 def test_optimizer_is_nesterov_sgd_with_momentum_0_9_decaying_every_head_parameter():
     heads = linear.LinearHeads({"conv1": (4, 3, 3), "res5": (8, 2, 2)}, num_classes=5)
-    args = linear.parse_args(CLI_BASE)
+    args = tool_args.linear_args(CLI_BASE)
     optimizer = linear.make_optimizer(heads, args.lr, args.momentum, args.weight_decay, args.nesterov)
     (group,) = optimizer.param_groups
     assert (group["nesterov"], group["momentum"], group["dampening"], group["weight_decay"]) == (True, 0.9, 0, 1e-4)
     assert {id(p) for p in group["params"]} == {id(p) for p in heads.parameters()}  # weights and biases decayed
     assert len(group["params"]) == 4  # two Linear layers; the affine=False norms have no parameters
-    last = linear.parse_args(CLI_BASE + ["--protocol", "lastlayer"])  # MoCo's: plain momentum
+    last = tool_args.linear_args(CLI_BASE + ["--protocol", "lastlayer"])  # MoCo's: plain momentum
     assert (last.nesterov, last.weight_decay) == (False, 0.0)
     with pytest.raises(ValueError, match="momentum"):
         linear.make_optimizer(heads, 0.1, 0.0, 1e-4, nesterov=True)
@@ -237,13 +238,13 @@ def openselfsup_step_lr(epoch: int, lr: float, steps) -> float:
 
 
 def test_lr_schedule_is_0_1_divided_by_10_at_30_and_60_over_90_epochs():
-    args = linear.parse_args(CLI_BASE)
+    args = tool_args.linear_args(CLI_BASE)
     assert (args.lr, args.milestones, args.epochs) == (0.1, [30, 60], 90)  # [paper]; the config file: lr 0.01
     ours = [linear.step_lr(epoch, args.lr, args.milestones) for epoch in range(args.epochs)]
     assert ours == pytest.approx([openselfsup_step_lr(epoch, 0.1, [30, 60, 90]) for epoch in range(90)])
     assert ours[0] == ours[29] == pytest.approx(0.1) and ours[30] == ours[59] == pytest.approx(0.01)
     assert ours[60] == ours[89] == pytest.approx(0.001)
-    last = linear.parse_args(CLI_BASE + ["--protocol", "lastlayer", "--lr", "10"])
+    last = tool_args.linear_args(CLI_BASE + ["--protocol", "lastlayer", "--lr", "10"])
     assert (last.epochs, last.lr, last.weight_decay, last.milestones) == (100, 10.0, 0.0, [60, 80])
 
 
@@ -255,11 +256,11 @@ OPENSELFSUP = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": Tr
 
 
 def test_multilayer_defaults_are_the_openselfsup_config_but_the_papers_lr():
-    args = vars(linear.parse_args(CLI_BASE))
+    args = vars(tool_args.linear_args(CLI_BASE))
     assert {key for key, value in OPENSELFSUP.items() if args[key] != value} == {"lr"}  # 0.1: the paper's text
-    grey = linear.parse_args(CLI_BASE + ["--no-color-jitter", "--no-lighting", "--no-nesterov"])
+    grey = tool_args.linear_args(CLI_BASE + ["--no-color-jitter", "--no-lighting", "--no-nesterov"])
     assert (grey.color_jitter, grey.lighting, grey.nesterov) == (False, False, False)
-    last = linear.parse_args(CLI_BASE + ["--protocol", "lastlayer"])  # MoCo's main_lincls: crop + flip only
+    last = tool_args.linear_args(CLI_BASE + ["--protocol", "lastlayer"])  # MoCo's main_lincls: crop + flip only
     assert (last.color_jitter, last.lighting) == (False, False)
 
 
@@ -420,7 +421,7 @@ def test_linear_default_out_dir_is_one_per_checkpoint(sample_root, tmp_path, two
                                            ("--momentum", "1.0")])
 def test_linear_refuses_values_that_make_no_sense(option, value):
     with pytest.raises(SystemExit):
-        linear.parse_args([*CLI_BASE, option, value])
+        tool_args.linear_args([*CLI_BASE, option, value])
 
 
 def test_linear_refuses_unlabelled_data(sample_root, tmp_path):

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from maskco import vocab
 from maskco.augment import normalize
 
 STAGES = ("conv1", "res2", "res3", "res4", "res5")
@@ -40,8 +41,7 @@ STAGES = ("conv1", "res2", "res3", "res4", "res5")
 # nn.AvgPool2d's default there and F.avg_pool2d's here)
 POOL = {"conv1": (10, 10, 4), "res2": (16, 8, 0), "res3": (13, 5, 0), "res4": (8, 3, 0), "res5": (6, 1, 0)}
 GRID = {"conv1": 12, "res2": 6, "res3": 4, "res4": 3, "res5": 2}  # output side of POOL at 224 px
-PROTOCOLS = ("multilayer", "lastlayer")
-POOLINGS = ("fixed", "adaptive")
+PROTOCOLS, POOLINGS = vocab.PROTOCOLS, vocab.POOLINGS
 
 
 def to_unit(images: torch.Tensor) -> torch.Tensor:

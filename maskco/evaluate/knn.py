@@ -14,15 +14,20 @@ merged into the global top k. Every rank ends with the same accuracy; memory per
 """
 from __future__ import annotations
 
+from maskco import tool_args
+
+if __name__ == "__main__":  # the flags first, then torch: --help and a bad flag answer at once (tool_args)
+    tool_args.run_as_main("maskco.evaluate.knn", tool_args.knn_args)
+
+import argparse
 import json
-import sys
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 import pipelines
-from maskco import cli, dist
+from maskco import dist
 from maskco.dist import resolve_precision
 from maskco.evaluate.features import check_labels, images_and_labels, prepare_images, source_classes
 
@@ -174,25 +179,14 @@ def knn_monitor(backbone: nn.Module, train_source: str, val_source: str, image_s
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from maskco.export import add_backbone_arguments, backbone_from_args, check_backbone_arguments
+    """Parse ``argv`` (``tool_args.knn_args``) and :func:`run`: the kNN record."""
+    return run(tool_args.knn_args(argv))
 
-    parser = cli.ArgumentParser(prog="python -m maskco.evaluate.knn", description=__doc__.split("\n\n")[0])
-    add_backbone_arguments(parser)
-    parser.add_argument("--train", required=True, help="labelled split for the memory bank")
-    parser.add_argument("--val", required=True, help="labelled split to classify")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch-size", type=int, default=128, help="images per rank per step")
-    parser.add_argument("--k", type=int, default=200,
-                        help="neighbours (default 200, with --temperature 0.1; k=20, t=0.07 is also reported)")
-    parser.add_argument("--temperature", type=float, default=0.1)
-    parser.add_argument("--backend", default="torch")
-    parser.add_argument("--workers", type=int, default=None)
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random initialisation")
-    parser.add_argument("--out", help="also write the result as JSON to this file")
-    args = parser.parse_args(argv)
-    check_backbone_arguments(parser, args)
+
+def run(args: argparse.Namespace) -> dict:
+    """kNN accuracy of the backbone ``args`` name; rank 0 prints the record (and writes ``--out``)."""
+    from maskco.export import backbone_from_args
+
     info = dist.init_distributed(None if args.device == "auto" else args.device)
     torch.manual_seed(args.seed)
     backbone = backbone_from_args(args)
@@ -211,9 +205,3 @@ def main(argv: list[str] | None = None) -> dict:
     dist.shutdown()
     return record
 
-
-if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # bad input: one clear line, no traceback, exit 2
-        sys.exit(cli.fail("maskco.evaluate.knn", error))

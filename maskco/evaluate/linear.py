@@ -28,90 +28,33 @@ starts over). The default ``out_dir`` is one per checkpoint and protocol. Logs a
 """
 from __future__ import annotations
 
+from maskco import tool_args
+from maskco.runlog import OutDirError
+
+if __name__ == "__main__":  # the flags first, then torch: --help and a bad flag answer at once (tool_args)
+    tool_args.run_as_main("maskco.evaluate.linear", tool_args.linear_args, (ValueError, OutDirError))
+
 import argparse
 import dataclasses
 import json
-import math
 import os
-import sys
 import time
 
 import torch
 from torch import nn
 
 import pipelines
-from maskco import checkpoint, cli, dist
+from maskco import checkpoint, dist
 from maskco.dist import resolve_precision
-from maskco.evaluate.features import POOLINGS, PROTOCOLS, MultiLayerFeatures, source_classes
+from maskco.evaluate.features import MultiLayerFeatures, source_classes
 from maskco.evaluate.linear_augment import COLOR_JITTER, LIGHTING_STD, TrainAugment
 from maskco.evaluate.linear_checkpoint import FORMAT, LAST, default_out_dir, identity, resume_path, resume_state
 from maskco.evaluate.linear_heads import (LinearHeads, evaluate, flat_accuracies, make_optimizer, step_lr,
                                           train_epoch)
 from maskco.evaluate.linear_heads import topk_correct  # noqa: F401  (re-exported: linear.topk_correct)
-from maskco.export import add_backbone_arguments, backbone_from_args, check_backbone_arguments
+from maskco.export import backbone_from_args
 from maskco.model import unwrap
-from maskco.runlog import OutDirError, RunLog, git_revision
-
-PROTOCOL_DEFAULTS = {  # multilayer: lr and milestones [paper], the rest OpenSelfSup's r50_multihead.py; lastlayer: MoCo
-    "multilayer": {"epochs": 90, "lr": 0.1, "weight_decay": 1e-4, "milestones": [30, 60], "nesterov": True,
-                   "color_jitter": True, "lighting": True},
-    "lastlayer": {"epochs": 100, "lr": 30.0, "weight_decay": 0.0, "milestones": [60, 80], "nesterov": False,
-                  "color_jitter": False, "lighting": False},
-}
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = cli.ArgumentParser(prog="python -m maskco.evaluate.linear", description=__doc__.split("\n\n")[0])
-    add_backbone_arguments(parser, random_init_help="evaluate a randomly initialised --arch (baseline)")
-    parser.add_argument("--train", required=True, help="labelled training split (ImageFolder root, .txt list, ...)")
-    parser.add_argument("--val", required=True, help="labelled validation split")
-    parser.add_argument("--num-classes", type=int, help="class count, for sources whose classes cannot be listed")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="multilayer")
-    parser.add_argument("--pooling", choices=POOLINGS, default="fixed",
-                        help="fixed: DESIGN 4.8's kernels (224 px); adaptive: same grids at any image size")
-    parser.add_argument("--epochs", type=int, help="default: 90 (multilayer) / 100 (lastlayer)")
-    parser.add_argument("--lr", type=float, help="default: 0.1 (multilayer) / 30 (lastlayer)")
-    parser.add_argument("--milestones", type=int, nargs="*", help="epochs where lr /= 10; default 30 60 / 60 80")
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--nesterov", action=argparse.BooleanOptionalAction,
-                        help="Nesterov momentum; default: on (multilayer, OpenSelfSup) / off (lastlayer, MoCo)")
-    parser.add_argument("--color-jitter", action=argparse.BooleanOptionalAction,
-                        help="ColorJitter(0.4, 0.4, 0.4, hue 0) on the training views; default: on / off")
-    parser.add_argument("--lighting", action=argparse.BooleanOptionalAction,
-                        help="PCA lighting noise (alphastd 0.1) on the training views; default: on / off "
-                             "(--no-lighting for grey images, which it would tint)")
-    parser.add_argument("--weight-decay", type=float, help="default: 1e-4 (multilayer) / 0 (lastlayer)")
-    parser.add_argument("--batch-size", type=int, default=256, help="global batch over all ranks")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--backend", default="torch", help="data backend (pipelines.build_loader)")
-    parser.add_argument("--workers", type=int, default=None, help="decode workers per rank (default: backend's)")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="backbone autocast; auto: bf16 on GPU, fp32 on CPU")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval-every", type=int, default=1, help="validate every N epochs (and after the last)")
-    parser.add_argument("--log-every", type=int, default=100, help="log the losses every N steps (0: per epoch only)")
-    parser.add_argument("--out-dir", help="default: runs/linear/<checkpoint's folder>-<its name>-<its SHA-256, "
-                                          "8 digits>-<protocol>, one per backbone and protocol")
-    parser.add_argument("--resume", default="auto", help="auto (out_dir/linear_last.pt if present), none, or a path")
-    args = parser.parse_args(argv)
-    check_backbone_arguments(parser, args)
-    for key, value in PROTOCOL_DEFAULTS[args.protocol].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for name in ("epochs", "batch_size", "image_size", "eval_every"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    for name, ok, must in (("lr", args.lr > 0, "> 0"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
-                           ("momentum", 0 <= args.momentum < 1, "in [0, 1)"),
-                           ("log_every", args.log_every >= 0, ">= 0"), ("seed", args.seed >= 0, ">= 0")):
-        if not (math.isfinite(getattr(args, name)) and ok):
-            parser.error(f"--{name.replace('_', '-')} must be finite and {must}, got {getattr(args, name)}")
-    if any(m < 1 for m in args.milestones):
-        parser.error(f"--milestones must be epochs >= 1, got {args.milestones}")
-    if args.nesterov and args.momentum <= 0:
-        parser.error("--nesterov needs --momentum > 0 (or pass --no-nesterov)")
-    return args
+from maskco.runlog import RunLog, git_revision
 
 
 def class_count(args: argparse.Namespace) -> int:
@@ -225,7 +168,12 @@ def write_results(args: argparse.Namespace, ident: dict, result: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    """Parse ``argv`` (``tool_args.linear_args``) and :func:`run`: the probe's last validation."""
+    return run(tool_args.linear_args(argv))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train and validate the probe ``args`` describe (parsed by ``tool_args.linear_args``)."""
     ident = identity(args)
     args.out_dir = args.out_dir or default_out_dir(args, ident)
     # ---- distributed + device
@@ -261,9 +209,3 @@ def main(argv: list[str] | None = None) -> dict:
     dist.shutdown()
     return result
 
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OutDirError) as error:  # bad input: one clear line, no traceback, exit 2
-        sys.exit(cli.fail("maskco.evaluate.linear", error))

@@ -19,10 +19,14 @@ random network as both encoders.
 """
 from __future__ import annotations
 
+from maskco import tool_args
+
+if __name__ == "__main__":  # the flags first, then torch: --help and a bad flag answer at once (tool_args)
+    tool_args.run_as_main("maskco.evaluate.localise", tool_args.localise_args, (ValueError, ImportError))
+
 import copy
 import json
 import os
-import sys
 from typing import NamedTuple
 
 import torch
@@ -33,12 +37,12 @@ from pipelines.sample_data import resolve_source
 from maskco import checkpoint as checkpoint_lib
 from maskco import cli
 from maskco.build import encoder_of
-from maskco.config import Config, ConfigError, build_config, config_from_dict
+from maskco.config import Config, build_config, config_from_dict
 from maskco.method import MethodSpec, ready_inputs
 from maskco.model import Encoder, unwrap
 from maskco.mph import AttentionMPH, sine_position_embedding
 
-DEFAULT_IMAGES = 512
+DEFAULT_IMAGES = tool_args.DEFAULT_IMAGES
 
 
 def load_encoders(path: str, argv=(), device: torch.device | str = "cpu") -> tuple[Config, nn.Module, nn.Module]:
@@ -178,29 +182,14 @@ def localise(cfg: Config, encoder_q: Encoder, encoder_k: Encoder, images: int = 
     return {"localise_top1": 100 * hits / counted, "images": counted, "chance": 100 * chance / counted}
 
 
-SUMMARY = """Localisation accuracy: the share of masked boxes whose similarity peak in the key view falls in
-their positive box. The model, views and boxes are the checkpoint's; presets and --key=value overrides
-(e.g. --data, --backend) apply on top, but none may change the model. --random-init measures an untrained
-network of the checkpoint's (or the presets') shape."""
-OWN = ("  --checkpoint PATH  a pretraining checkpoint (checkpoint_*.pt)\n"
-       "  --random-init      an untrained network of the config's shape instead (as both encoders)\n"
-       f"  --images N         images to measure (default {DEFAULT_IMAGES})\n"
-       "  --out PATH         also write the result as JSON")
-
-
 def main(argv=None) -> dict:
-    args = sys.argv[1:] if argv is None else argv
-    parsed = cli.parse_config_args(args, {"checkpoint": "", "random_init": False, "images": DEFAULT_IMAGES,
-                                          "out": ""})
-    if parsed.help:
-        print(cli.usage_text("python -m maskco.evaluate.localise", SUMMARY, OWN,
-                             " (--checkpoint PATH | --random-init) [--images N]"))
-        return {}
+    """Parse ``argv`` (``tool_args.localise_args``) and :func:`run`: the localisation record."""
+    return run(tool_args.localise_args(argv))
+
+
+def run(parsed: cli.ConfigArgs) -> dict:
+    """Localisation accuracy of ``parsed``'s checkpoint (or random init): prints the record (and writes ``--out``)."""
     options = parsed.options
-    if bool(options["checkpoint"]) == bool(options["random_init"]):
-        raise ConfigError("give one of --checkpoint PATH or --random-init")
-    if options["images"] < 1:
-        raise ConfigError(f"--images must be >= 1, got {options['images']}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if options["checkpoint"]:
         cfg, encoder_q, encoder_k = load_encoders(options["checkpoint"], parsed.config, device)
@@ -218,9 +207,3 @@ def main(argv=None) -> dict:
             json.dump(record, handle, indent=1)
     return record
 
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, ImportError) as error:  # bad input (ConfigError, DataError, CheckpointError): one line
-        sys.exit(cli.fail("maskco.evaluate.localise", error))

@@ -21,11 +21,16 @@ picture; the region rows must find the item among its three neighbours in one sh
 """
 from __future__ import annotations
 
+from maskco import tool_args
+
+if __name__ == "__main__":  # the flags first, then torch: --help and a bad flag answer at once (tool_args)
+    tool_args.run_as_main("maskco.evaluate.region", tool_args.region_args)
+
+import argparse
 import contextlib
 import json
 import math
 import os
-import sys
 
 import torch
 from torch import nn
@@ -187,27 +192,16 @@ def _load(probe) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parse ``argv`` (``tool_args.region_args``) and :func:`run`: the probe's record."""
+    return run(tool_args.region_args(argv))
+
+
+def run(args: argparse.Namespace) -> dict:
+    """The region probe of the backbone ``args`` name: prints the record (and writes ``--out``)."""
     from maskco.dist import resolve_precision
-    from maskco.export import add_backbone_arguments, backbone_from_args, check_backbone_arguments
-    from pipelines.fmnist import DEFAULT_DIR
+    from maskco.export import backbone_from_args
     from pipelines.mosaics import write_probe_sets
 
-    parser = cli.ArgumentParser(prog="python -m maskco.evaluate.region", description=__doc__.split("\n\n")[0])
-    add_backbone_arguments(parser)
-    parser.add_argument("--image-size", type=int, default=32, help="the pretraining view size (default 32)")
-    parser.add_argument("--probe-dir", default="data/mosaic_probe", help="where the probe sets are written (reused)")
-    parser.add_argument("--fmnist-dir", default=DEFAULT_DIR, help="folder of the Fashion-MNIST IDX .gz files")
-    parser.add_argument("--bank", type=int, default=2500, help="bank mosaics, 4 train items each (default 2500)")
-    parser.add_argument("--query", type=int, default=500, help="query mosaics, 4 test items each (default 500)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the mosaics and of the random initialisation")
-    parser.add_argument("--batch-size", type=int, default=128, help="mosaics per forward")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    parser.add_argument("--global-baseline", action="store_true", default=True,
-                        help="also each item cropped alone and globally pooled (--no-global-baseline: half the time)")
-    parser.add_argument("--out", help="also write the result as JSON to this file")
-    args = parser.parse_args(argv)
-    check_backbone_arguments(parser, args)
     cli.check_device(args.device)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
@@ -225,9 +219,3 @@ def main(argv: list[str] | None = None) -> dict:
             json.dump(record, handle, indent=1)
     return record
 
-
-if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as error:  # bad input (DataError is one): one clear line, no traceback, exit 2
-        sys.exit(cli.fail("maskco.evaluate.region", error))
