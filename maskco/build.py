@@ -102,7 +102,8 @@ def encoder_of(cfg: Config) -> Encoder:
     return Encoder(cfg.arch, dilated=cfg.dilated, mph=cfg.mph, mph_width=cfg.mph_width, mph_layers=cfg.mph_layers,
                    mph_heads=cfg.mph_heads, head_hidden=cfg.head_hidden, head_dim=cfg.head_dim,
                    roi_output_size=cfg.roi_output_size, roi_sampling_ratio=cfg.roi_sampling_ratio,
-                   roi_fused=cfg.roi_fused, roi_centering=cfg.roi_centering, stem=cfg.stem, width=cfg.width)
+                   roi_fused=cfg.roi_fused, roi_centering=cfg.roi_centering, stem=cfg.stem, width=cfg.width,
+                   init=cfg.init)
 
 
 def build_encoders(cfg: Config, device: torch.device, distributed: bool):

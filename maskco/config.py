@@ -35,6 +35,7 @@ CHOICES = {
     "key_bn": vocab.KEY_BNS,
     "roi_centering": vocab.ROI_CENTERINGS,
     "stem": vocab.STEMS,
+    "init": vocab.INITS,
     "backend": vocab.BACKENDS,
     "device": vocab.DEVICES,
     "compile_mode": vocab.COMPILE_MODES,
@@ -50,6 +51,7 @@ class Config:
     dilated: bool = False  # dilated C5 (stride 16 instead of 32)
     stem: str = "imagenet"  # imagenet (7x7 stride-2 conv1 + max-pool: C5 at stride 32) | cifar (3x3 stride-1 conv1, no max-pool: stride 8, for 32-64 px images)
     width: float = 1.0  # multiplier on every stage's channels (0.25: 16-32-64-128 for resnet18); 1 with the imagenet stem stays torchvision-shaped
+    init: str = "torchvision"  # the trunk's convs at random init: torchvision (ResNet's kaiming_normal, fan_out) | pytorch (nn.Conv2d's default, kaiming_uniform a=sqrt(5))
     mph: str = "attn"  # Mask Prediction Head: attn (2 Transformer layers) | conv | none (ablation)
     mph_width: int = 512  # channels inside the MPH
     mph_layers: int = 2  # Transformer layers (attn) in the MPH

@@ -46,7 +46,8 @@ RULES: dict[str, tuple] = {
     # method
     "method": _CHOICE,
     "arch": (lambda v: v.startswith("resnet"), "must be a torchvision resnet (resnet18, resnet50, ...)"),
-    "dilated": _FLAG, "stem": _CHOICE, "width": (_above(0), "must be > 0 (a multiplier on every stage's channels)"),
+    "dilated": _FLAG, "stem": _CHOICE, "init": _CHOICE,
+    "width": (_above(0), "must be > 0 (a multiplier on every stage's channels)"),
     "mph": _CHOICE, "mph_width": (_at_least(4), "must be >= 4"),
     "mph_layers": (_at_least(1), "must be >= 1"), "mph_heads": (_at_least(1), "must be >= 1"),
     "head_hidden": (_at_least(1), "must be >= 1"), "head_dim": (_at_least(1), "must be >= 1"),

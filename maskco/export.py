@@ -64,10 +64,10 @@ def _shapes(state_dict: Mapping) -> dict[str, tuple]:
     return {key: tuple(value.shape) for key, value in state_dict.items()}
 
 
-def random_backbone(arch: str, stem: str = "imagenet", width: float = 1.0) -> nn.Module:
+def random_backbone(arch: str, stem: str = "imagenet", width: float = 1.0, init: str = "torchvision") -> nn.Module:
     """A randomly initialised ResNet with ``fc = Identity`` (``torchvision.models.<arch>()`` for the defaults):
-    the random-init baseline of a run of that shape (and the shell the readers below load weights into)."""
-    return resnet(arch, stem, width)
+    the random-init baseline of a run of that shape and init (and the shell the readers below load weights into)."""
+    return resnet(arch, stem, width, init=init)
 
 
 @functools.lru_cache(maxsize=None)
@@ -78,10 +78,11 @@ def _reference(arch: str, stem: str = "imagenet", width: float = 1.0) -> dict:
 
 
 def backbone_from_args(args) -> nn.Module:
-    """The backbone ``tool_args.add_backbone_arguments``' flags name: a random init of that shape (the stem and
-    width default to imagenet and 1), or the checkpoint's (its arch checked against ``--arch`` if given)."""
+    """The backbone ``tool_args.add_backbone_arguments``' flags name: a random init of that shape (the stem,
+    width and init default to imagenet, 1 and torchvision), or the checkpoint's (its arch checked against
+    ``--arch`` if given)."""
     if args.random_init:
-        return random_backbone(args.arch, args.stem or "imagenet", args.width or 1.0)
+        return random_backbone(args.arch, args.stem or "imagenet", args.width or 1.0, args.init or "torchvision")
     return load_backbone(args.checkpoint, args.arch)
 
 

@@ -136,8 +136,9 @@ class Encoder(nn.Module):
     ``embed(features, boxes)``: boxes ``[N, L, 4]`` xyxy in view pixels -> ``[N, L, head_dim]`` unit vectors;
     ``boxes=None`` global-average-pools instead (L = 1): the ``mocov2`` baseline on the same network.
     ``dilated`` turns layer4's stride into dilation (stride 16); the weights keep torchvision's shapes.
-    ``stem`` / ``width``: the small-image stem and a channel multiplier (``trunk.resnet``); ``stride`` is
-    measured on the built trunk (``trunk.trunk_stride``), so boxes map to C5 correctly for every variant.
+    ``stem`` / ``width`` / ``init``: the small-image stem, a channel multiplier and the convs' random init
+    (``trunk.resnet``); ``stride`` is measured on the built trunk (``trunk.trunk_stride``), so boxes map to
+    C5 correctly for every variant.
     ``roi_fused`` picks ``roi.roi_pool`` (separable matmul, DESIGN 4.5) over the torchvision reference.
     ``roi_centering`` sets ``cell_centre``, where cell 0 looks in view pixels (see :func:`cell_centre`):
     ``receptive`` centres each RoI on its box through the trunk; ``half_pixel`` is the old mapping (ablation).
@@ -146,7 +147,8 @@ class Encoder(nn.Module):
     def __init__(self, arch: str = "resnet50", dilated: bool = False, mph: str = "attn", mph_width: int = 512,
                  mph_layers: int = 2, mph_heads: int = 8, head_hidden: int = 2048, head_dim: int = 128,
                  roi_output_size: int = 7, roi_sampling_ratio: int = 2, roi_fused: bool = True,
-                 roi_centering: str = "receptive", stem: str = "imagenet", width: float = 1.0):
+                 roi_centering: str = "receptive", stem: str = "imagenet", width: float = 1.0,
+                 init: str = "torchvision"):
         super().__init__()
         if mph not in MPH_KINDS:
             raise ValueError(f"mph must be one of {MPH_KINDS}, got {mph!r}")
@@ -154,7 +156,7 @@ class Encoder(nn.Module):
                             ("head_dim", head_dim), ("roi_output_size", roi_output_size)):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
-        self.backbone = resnet(arch, stem, width, dilated)
+        self.backbone = resnet(arch, stem, width, dilated, init)
         self.stride = trunk_stride(self.backbone)  # 32, 16 dilated; 8 / 4 with the small-image stem
         self.cell_centre = cell_centre(self.stride, roi_centering)  # also validates roi_centering
         self.channels = c5_channels(self.backbone)  # 512 (resnet18/34), 2048 (resnet50); x width

@@ -54,6 +54,7 @@ VARIANTS = {
     "mocov2_3840": ["--method=mocov2"],  # 3,840 pretraining images (SUBSETS), as many steps
     "mocov2_96px": ["--method=mocov2", "--image_size=96", "--stem=imagenet"],  # upsampled, ImageNet stem
     "mocov2_batch32": ["--method=mocov2", "--batch_size=32", "--virtual_gpus=1"],  # one GPU of 32
+    "mocov2_torchvision_init": ["--method=mocov2", "--init=torchvision"],  # torchvision's conv init (its own floor)
 }
 SUBSETS = {"mocov2_3840": 3840}  # variant -> pretraining images (the first of the pretraining split)
 # What is not a trainer setting. queue: MoCo v2's queue (16 steps of 256 keys on the CPU). probe: the
@@ -199,7 +200,8 @@ def localise_top1(args, cfg, checkpoint: str | None = None) -> dict:
 
 
 def shape_of(cfg) -> str:
-    return f"{cfg.arch} {cfg.stem} stem x{cfg.width:g}, {cfg.image_size} px"
+    init = "" if cfg.init == "torchvision" else f", {cfg.init} init"
+    return f"{cfg.arch} {cfg.stem} stem x{cfg.width:g}, {cfg.image_size} px{init}"
 
 
 def random_init_row(args, cfg) -> dict:
@@ -210,9 +212,9 @@ def random_init_row(args, cfg) -> dict:
     from maskco.export import random_backbone
 
     began = time.time()
-    out_dir = os.path.join(args.out_dir, f"random_init-{cfg.arch}-{cfg.stem}-{cfg.width:g}-{cfg.image_size}")
+    out_dir = os.path.join(args.out_dir, f"random_init-{cfg.arch}-{cfg.stem}-{cfg.width:g}-{cfg.image_size}-{cfg.init}")
     os.makedirs(out_dir, exist_ok=True)
-    shape = ["--arch", cfg.arch, "--stem", cfg.stem, "--width", str(cfg.width)]
+    shape = ["--arch", cfg.arch, "--stem", cfg.stem, "--width", str(cfg.width), "--init", cfg.init]
     record = knn.main(["--random-init", *shape, "--train", args.splits["train"], "--val", args.splits["test"],
                        "--image-size", str(cfg.image_size), "--batch-size", str(cfg.batch_size),
                        "--seed", str(cfg.seed), "--out", os.path.join(out_dir, "knn.json"),
@@ -221,7 +223,8 @@ def random_init_row(args, cfg) -> dict:
     row = {"method": "random_init", "label": f"random init ({shape_of(cfg)})", "seed": cfg.seed, "steps": 0,
            "knn_curve": [],
            "knn_top1": record["knn_top1"], "knn_top1_k20": record["knn_top1_k20"],
-           **region_top1(args, cfg, random_backbone(cfg.arch, cfg.stem, cfg.width)), **localise_top1(args, cfg)}
+           **region_top1(args, cfg, random_backbone(cfg.arch, cfg.stem, cfg.width, cfg.init)),
+           **localise_top1(args, cfg)}
     row.update(linear_top1(args, cfg, ["--random-init", *shape], out_dir))
     return {**row, "seconds": round(time.time() - began, 1)}
 
@@ -340,7 +343,7 @@ def main(argv=None) -> int:
 
 def _shape_args(cfg, seed: int) -> list[str]:
     """A config of ``cfg``'s architecture and evaluation settings with ``seed``."""
-    return [*[f"--{key}={getattr(cfg, key)}" for key in ("arch", "stem", "width", "image_size", "batch_size",
+    return [*[f"--{key}={getattr(cfg, key)}" for key in ("arch", "stem", "width", "init", "image_size", "batch_size",
                                                         "virtual_gpus", "workers", "roi_sampling_ratio",
                                                         "roi_output_size")], f"--seed={seed}"]
 

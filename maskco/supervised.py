@@ -32,7 +32,7 @@ def build_classifier(cfg: Config, classes: int) -> torch.nn.Sequential:
     """backbone (fc = Identity) -> Linear(C5 channels, classes); BatchNorm per virtual GPU, as in pretraining."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        backbone = set_virtual_gpus(resnet(cfg.arch, cfg.stem, cfg.width), cfg.virtual_gpus)
+        backbone = set_virtual_gpus(resnet(cfg.arch, cfg.stem, cfg.width, init=cfg.init), cfg.virtual_gpus)
         return torch.nn.Sequential(backbone, torch.nn.Linear(c5_channels(backbone), classes))
 
 

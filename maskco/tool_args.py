@@ -55,13 +55,16 @@ def _parser(module: str) -> cli.ArgumentParser:
 # ---- the backbone a tool reads: a checkpoint or a random init of a given shape
 
 def add_shape_arguments(parser) -> None:
-    """``--arch``, ``--stem`` and ``--width`` of a tool that builds or checks a backbone."""
+    """``--arch``, ``--stem``, ``--width`` and ``--init`` of a tool that builds or checks a backbone."""
     parser.add_argument("--arch", choices=vocab.ARCHS,
                         help="backbone arch (default: from the checkpoint or its key shapes)")
     parser.add_argument("--stem", choices=vocab.STEMS, default=None,
                         help="with --random-init: the stem (default imagenet); a checkpoint records its own")
     parser.add_argument("--width", type=float, default=None,
                         help="with --random-init: the channel multiplier (default 1); a checkpoint records its own")
+    parser.add_argument("--init", choices=vocab.INITS, default=None,
+                        help="with --random-init: the convs' initialisation (default torchvision), as the run's "
+                             "init key")
 
 
 def add_backbone_arguments(parser, random_init_help: str = "a randomly initialised --arch (baseline)") -> None:

@@ -12,7 +12,7 @@ from torch import nn
 from maskco import vocab
 
 ARCHS = vocab.ARCHS  # torchvision's ResNet family, resnet18 ... wide_resnet101_2 (a test checks the list)
-STEMS = vocab.STEMS
+STEMS, INITS = vocab.STEMS, vocab.INITS
 
 
 class _ScaledResNet(torchvision.models.ResNet):
@@ -48,13 +48,16 @@ def _torchvision_init(module: nn.Module) -> None:
             nn.init.constant_(m.bias, 0)
 
 
-def resnet(arch: str = "resnet50", stem: str = "imagenet", width: float = 1.0, dilated: bool = False) -> nn.Module:
+def resnet(arch: str = "resnet50", stem: str = "imagenet", width: float = 1.0, dilated: bool = False,
+           init: str = "torchvision") -> nn.Module:
     """A randomly initialised torchvision ResNet with ``fc = nn.Identity()`` (the pooled C5 is its output).
 
     ``stem="cifar"``: a 3x3 stride-1 conv1 and no max-pool (MoCo's CIFAR demo, solo-learn, lightly), for
     32-64 px images: C5 at stride 8 (4 when ``dilated``) instead of 32. ``width``: a multiplier on every
     stage's channels (0.25: 16-32-64-128 for ResNet-18). With the defaults this is exactly
     ``torchvision.models.<arch>()``, same keys and shapes, so its weights load into torchvision.
+    ``init="pytorch"``: every conv re-drawn with ``nn.Conv2d``'s own default (kaiming_uniform, a=sqrt(5)), the
+    init of a ResNet written from ``nn.Conv2d`` (the shapes do not change; BatchNorm stays 1 / 0).
     """
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
@@ -62,6 +65,8 @@ def resnet(arch: str = "resnet50", stem: str = "imagenet", width: float = 1.0, d
         raise ValueError(f"stem must be one of {STEMS}, got {stem!r}")
     if not width > 0:
         raise ValueError(f"width must be > 0, got {width}")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     dilation = [False, False, dilated]
     try:
         model = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=dilation)
@@ -76,6 +81,10 @@ def resnet(arch: str = "resnet50", stem: str = "imagenet", width: float = 1.0, d
         nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
         model.maxpool = nn.Identity()
     model.fc = nn.Identity()
+    if init == "pytorch":
+        for module in model.modules():
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
     return model
 
 

@@ -13,6 +13,8 @@ METHODS = ("maskco", "mocov2")
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d", "resnext101_32x8d",
          "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
 STEMS = ("imagenet", "cifar")  # 7x7 stride-2 conv1 + max-pool | 3x3 stride-1 conv1, no max-pool
+# the trunk's conv weights at random init: torchvision ResNet's kaiming_normal (fan_out) | nn.Conv2d's own default
+INITS = ("torchvision", "pytorch")
 MPH_KINDS = ("attn", "conv", "none")  # Mask Prediction Head: 2 Transformer layers | 2 Bottlenecks | ablation
 ROI_CENTERINGS = ("receptive", "half_pixel")  # box -> C5 mapping (maskco.model.cell_centre)
 MASK_MODES = ("zero", "noise", "blur", "none")  # how the masked box is filled (maskco.augment.mask_boxes)

@@ -103,7 +103,8 @@ def test_a_tool_that_is_also_a_library_refuses_a_bad_flag_in_one_line_before_tor
     # error line and exit 2, whether argparse or the tool's own check (localise's ConfigError) finds it
     for module, argv, prog in (("maskco.evaluate.knn", ["--random-init", "--train=a", "--val=b"],
                                 "python -m maskco.evaluate.knn"),
-                               ("maskco.evaluate.localise", ["--random-init", "--images=0"], "maskco.evaluate.localise")):
+                               ("maskco.evaluate.localise", ["--random-init", "--images=0"],
+                                "maskco.evaluate.localise")):
         code = ("import runpy, sys\n"
                 f"sys.argv = [{module!r}, *{argv!r}]\n"
                 "try:\n"

@@ -240,3 +240,32 @@ def test_cuda_bf16_channels_last_step_and_ema():
     model.momentum_update(encoder_k, encoder_q, 0.0)
     for (name, t_k), t_q in zip(encoder_k.state_dict().items(), encoder_q.state_dict().values()):
         assert torch.equal(t_k, t_q), name
+
+
+def test_the_pytorch_init_is_nn_conv2d_s_own_and_the_run_and_its_random_baseline_share_it():
+    # init=pytorch: every conv of the trunk as a freshly built nn.Conv2d draws it (kaiming_uniform, a=sqrt(5):
+    # bound 1/sqrt(fan_in)); torchvision's kaiming_normal (fan_out) is wider. The shapes do not change, and
+    # the random-init baseline (export.random_backbone) draws the same weights as the run's encoder.
+    from maskco import build, config, trunk
+
+    torch.manual_seed(0)
+    default = trunk.resnet("resnet18", "cifar", 0.25, init="pytorch")
+    torch.manual_seed(0)
+    wide = trunk.resnet("resnet18", "cifar", 0.25)
+    convs = [(name, m) for name, m in default.named_modules() if isinstance(m, nn.Conv2d)]
+    for name, conv in convs:
+        bound = 1 / math.sqrt(conv.weight[0].numel())
+        assert conv.weight.abs().max() <= bound + 1e-7, name
+        assert conv.weight.std() > bound / 2, name  # drawn, not zeroed: uniform(-b, b) has std b / sqrt(3)
+    assert any(dict(wide.named_modules())[name].weight.abs().max() > 1 / math.sqrt(conv.weight[0].numel())
+               for name, conv in convs)
+    assert {k: v.shape for k, v in default.state_dict().items()} == {k: v.shape for k, v in wide.state_dict().items()}
+    cfg = config.build_config(["--arch=resnet18", "--stem=cifar", "--width=0.25", "--init=pytorch", "--mph=none"])
+    torch.manual_seed(3)
+    encoder = build.encoder_of(cfg)
+    torch.manual_seed(3)
+    baseline = export.random_backbone("resnet18", "cifar", 0.25, "pytorch")
+    for key, value in baseline.state_dict().items():
+        assert torch.equal(encoder.backbone.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="init must be one of"):
+        trunk.resnet("resnet18", init="xavier")

@@ -63,9 +63,9 @@ def split_bn(module: nn.Module, groups: int) -> nn.Module:
 class Encoder(nn.Module):
     """Backbone + MoCo v2's MLP head (hidden = C5 width unless given), L2-normalised output."""
 
-    def __init__(self, arch, stem, width, groups, hidden, dim=128):
+    def __init__(self, arch, stem, width, groups, hidden, dim=128, init="torchvision"):
         super().__init__()
-        self.backbone = split_bn(trunk.resnet(arch, stem, width), groups)
+        self.backbone = split_bn(trunk.resnet(arch, stem, width, init=init), groups)
         c5 = trunk.c5_channels(self.backbone)
         hidden = hidden or c5
         self.head = nn.Sequential(nn.Linear(c5, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, dim))
@@ -96,8 +96,8 @@ def train(args) -> list[dict]:
     loader = torch.utils.data.DataLoader(TwoViews(images, args.image_size), batch_size=args.batch_size,
                                          shuffle=True, num_workers=args.workers, drop_last=True,
                                          persistent_workers=args.workers > 0)
-    encoder_q = Encoder(args.arch, args.stem, args.width, args.groups, args.head_hidden)
-    encoder_k = Encoder(args.arch, args.stem, args.width, args.groups, args.head_hidden)
+    encoder_q = Encoder(args.arch, args.stem, args.width, args.groups, args.head_hidden, init=args.init)
+    encoder_k = Encoder(args.arch, args.stem, args.width, args.groups, args.head_hidden, init=args.init)
     encoder_k.load_state_dict(encoder_q.state_dict())
     for p in encoder_k.parameters():
         p.requires_grad = False
@@ -158,6 +158,8 @@ def main(argv=None):
     parser.add_argument("--arch", default="resnet18")
     parser.add_argument("--stem", default="cifar")
     parser.add_argument("--width", type=float, default=0.25)
+    parser.add_argument("--init", choices=trunk.INITS, default="pytorch",
+                        help="the convs' random init (pytorch: nn.Conv2d's default, as the issue's reference)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--head-hidden", type=int, default=0, help="0: the C5 width (MoCo's builder.py)")
