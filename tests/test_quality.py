@@ -120,14 +120,16 @@ def test_quality_writes_every_row_and_the_figure(tmp_path, fake_fmnist):
         assert row["steps"] == 4 and [epoch for epoch, _, _ in row["knn_curve"]] == [1, 2]
     assert rows[2]["label"].startswith("MoCo v2-like") and "queue_size=16" in rows[2]["label"]
     assert rows[4]["label"].startswith("supervised")
-    assert "random init (resnet18 cifar stem x0.25, 32 px)" == rows[1]["label"]
+    assert "random init (resnet18 cifar stem x0.25, 32 px, pytorch init)" == rows[1]["label"]
 
 
 def test_quality_seeds_give_the_mean_and_spread_and_one_random_init_per_architecture(tmp_path, fake_fmnist):
-    rows = _quality(tmp_path, fake_fmnist, "--variants=mocov2,mocov2_96px", "--seeds=0,1", "--linear-epochs=0",
-                    "--epochs=1")
-    assert [row["method"] for row in rows[1:]] == ["random_init", "random_init", "mocov2", "mocov2_96px"]
-    assert "32 px" in rows[1]["label"] and "imagenet stem x0.25, 96 px" in rows[2]["label"]
+    rows = _quality(tmp_path, fake_fmnist, "--variants=mocov2,mocov2_96px,mocov2_torchvision_init", "--seeds=0,1",
+                    "--linear-epochs=0", "--epochs=1")
+    assert [row["method"] for row in rows[1:]] == ["random_init"] * 3 + ["mocov2", "mocov2_96px",
+                                                                          "mocov2_torchvision_init"]
+    assert "32 px, pytorch init" in rows[1]["label"] and "imagenet stem x0.25, 96 px, pytorch init" in rows[2]["label"]
+    assert rows[3]["label"] == "random init (resnet18 cifar stem x0.25, 32 px)"  # torchvision's init: its own floor
     for row in rows[1:]:
         assert row["seeds"] == [0, 1] and len(row["per_seed"]) == 2
         values = [seed["knn_top1"] for seed in row["per_seed"]]
