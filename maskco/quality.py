@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 
@@ -200,7 +199,7 @@ def localise_top1(args, cfg, checkpoint: str | None = None) -> dict:
 
 
 def shape_of(cfg) -> str:
-    init = "" if cfg.init == "torchvision" else f", {cfg.init} init"
+    init = "" if cfg.init == "torchvision" else f", {cfg.init} init"  # torchvision's: the labels of earlier runs
     return f"{cfg.arch} {cfg.stem} stem x{cfg.width:g}, {cfg.image_size} px{init}"
 
 
@@ -221,8 +220,7 @@ def random_init_row(args, cfg) -> dict:
                        *(["--workers", str(cfg.workers)] if cfg.workers >= 0 else [])])
     torch.manual_seed(cfg.seed)
     row = {"method": "random_init", "label": f"random init ({shape_of(cfg)})", "seed": cfg.seed, "steps": 0,
-           "knn_curve": [],
-           "knn_top1": record["knn_top1"], "knn_top1_k20": record["knn_top1_k20"],
+           "knn_curve": [], "knn_top1": record["knn_top1"], "knn_top1_k20": record["knn_top1_k20"],
            **region_top1(args, cfg, random_backbone(cfg.arch, cfg.stem, cfg.width, cfg.init)),
            **localise_top1(args, cfg)}
     row.update(linear_top1(args, cfg, ["--random-init", *shape], out_dir))
@@ -263,21 +261,6 @@ def variant_row(args, variant: str, seed: int) -> dict:
         row.update(localise_top1(args, cfg, os.path.join(out_dir, "checkpoint_last.pt")))
     row.update(linear_top1(args, cfg, ["--checkpoint", exported], out_dir))
     return {**row, "seconds": round(time.time() - began, 1)}
-
-
-def over_seeds(rows: list[dict]) -> dict:
-    """One row from a method's per-seed rows: every number the mean, the kNN spread, each seed's figures."""
-    numbers = [key for key, value in rows[0].items() if isinstance(value, (int, float)) and key != "seed"]
-    merged = {**rows[0], **{key: statistics.fmean(row[key] for row in rows) for key in numbers
-                            if all(row.get(key) is not None for row in rows)}}
-    merged["knn_curve"] = [[point[0], *[statistics.fmean(row["knn_curve"][i][j] for row in rows)
-                                         for j in (1, 2)]] for i, point in enumerate(rows[0]["knn_curve"])]
-    merged["seeds"] = [row.get("seed") for row in rows]
-    points = [r["knn_top1"] for r in rows if r.get("knn_top1") is not None]  # None: a run with no kNN point
-    merged["knn_top1_spread"] = max(points) - min(points) if points else None
-    merged["per_seed"] = [{key: row.get(key) for key in ("seed", *METRICS)} for row in rows]
-    merged.pop("seed", None)
-    return merged
 
 
 def prepare_data(args) -> dict:
@@ -328,10 +311,10 @@ def main(argv=None) -> int:
     jobs = [("random_init", shape) for shape in shapes] + [(variant, None) for variant in args.variants]
     for name, shape in jobs:
         if name == "random_init":
-            row = over_seeds([random_init_row(args, build_config(_shape_args(shapes[shape], seed)))
-                              for seed in args.seeds])
+            row = quality_report.over_seeds([random_init_row(args, build_config(_shape_args(shapes[shape], seed)))
+                                             for seed in args.seeds], METRICS)
         else:
-            row = over_seeds([variant_row(args, name, seed) for seed in args.seeds])
+            row = quality_report.over_seeds([variant_row(args, name, seed) for seed in args.seeds], METRICS)
         rows.append(row)
         with open(results, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")

@@ -1,7 +1,25 @@
-"""The terminal table and the kNN-curve figure of ``make quality`` (maskco/quality.py)."""
+"""``make quality``'s report (maskco/quality.py): the seeds' rows merged into one, the terminal table and the
+kNN-curve figure."""
 from __future__ import annotations
 
+import statistics
+
 STAGES = ("conv1", "res2", "res3", "res4", "res5")
+
+
+def over_seeds(rows: list[dict], metrics: tuple) -> dict:
+    """One row from a method's per-seed rows: every number the mean, the kNN spread, each seed's ``metrics``."""
+    numbers = [key for key, value in rows[0].items() if isinstance(value, (int, float)) and key != "seed"]
+    merged = {**rows[0], **{key: statistics.fmean(row[key] for row in rows) for key in numbers
+                            if all(row.get(key) is not None for row in rows)}}
+    merged["knn_curve"] = [[point[0], *[statistics.fmean(row["knn_curve"][i][j] for row in rows)
+                                         for j in (1, 2)]] for i, point in enumerate(rows[0]["knn_curve"])]
+    merged["seeds"] = [row.get("seed") for row in rows]
+    points = [r["knn_top1"] for r in rows if r.get("knn_top1") is not None]  # None: a run with no kNN point
+    merged["knn_top1_spread"] = max(points) - min(points) if points else None
+    merged["per_seed"] = [{key: row.get(key) for key in ("seed", *metrics)} for row in rows]
+    merged.pop("seed", None)
+    return merged
 
 
 def _cell(value) -> str:
