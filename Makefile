@@ -3,6 +3,7 @@
 #   make pretrain GPUS=8 DATA=/imagenet/train CONFIG=r50_imagenet_200ep BACKEND=dali
 #   make test | make bench | make show [CKPT=...] | make ffcv DATA=/imagenet OUT=/betons | make linear CKPT=...
 #   make quality [ARGS="--preset gpu --variants maskco,mocov2,maskco_no_mph"]   MaskCo vs MoCo v2 vs random init on Fashion-MNIST
+#   make transfer [ARGS="--seeds 0,1,2"]   detection AP after pretraining on single garments and on scenes
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -47,7 +48,7 @@ PIP_QUIET = --disable-pip-version-check > $(VENV)/pip.log 2>&1 || { cat $(VENV)/
 # failed rank's code (2 bad input, 3 diverged, ...) instead of torchrun's 1
 LAUNCH := $(if $(MULTI),$(PY) -m maskco.launch --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS) $(RDZV),$(PY))
 
-.PHONY: help venv pretrain test bench show ffcv linear export sample quality clean-venv
+.PHONY: help venv pretrain test bench show ffcv linear export sample quality transfer clean-venv
 .DEFAULT_GOAL := help
 
 # `make` alone: what there is to run (nothing is installed or built)
@@ -55,8 +56,8 @@ help:
 	@echo "MaskCo trainer. On a fresh machine:"
 	@echo "  make pretrain   sets up .venv, builds the sample data, pretrains the CPU demo (GPU if there is one)"
 	@echo "  make test       sets up .venv and runs the tests"
-	@echo "Other targets: make pretrain GPUS=8 DATA=... CONFIG=... | make quality [ARGS=...] | make bench |"
-	@echo "  make show [CKPT=...] | make ffcv DATA=... OUT=... | make linear CKPT=... TRAIN=... VAL=... |"
+	@echo "Other targets: make pretrain GPUS=8 DATA=... CONFIG=... | make quality [ARGS=...] | make transfer [ARGS=...] |"
+	@echo "  make bench | make show [CKPT=...] | make ffcv DATA=... OUT=... | make linear CKPT=... TRAIN=... VAL=... |"
 	@echo "  make export CKPT=... | make sample | make venv EXTRAS=dev,ffcv,dali | make clean-venv"
 	@echo "README.md explains each; docs/DESIGN.md is the map of the code."
 
@@ -104,6 +105,10 @@ export: $(VENV)/.installed
 
 quality: $(VENV)/.installed
 	$(LAUNCH) -m maskco.quality $(ARGS)
+
+# the paper's claim: pretrain on single garments and on scenes, fine-tune a detector, AP by pycocotools
+transfer: $(VENV)/.installed
+	$(PY) -m maskco.transfer $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

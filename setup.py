@@ -11,7 +11,7 @@ setup(
     description="Fast, faithful MaskCo (contrastive mask prediction, ICCV 2021) pretraining",
     python_requires=">=3.10",
     packages=find_packages(include=["maskco", "maskco.*", "pipelines", "pipelines.*"]),
-    package_data={"maskco": ["configs/*.yaml"]},
+    package_data={"maskco": ["configs/*.yaml", "configs/detectron2/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",
@@ -21,6 +21,7 @@ setup(
         "tqdm",
         "scikit-image",  # its bundled photographs make the sample data set
         "matplotlib",  # the bench's bar chart
+        "pycocotools>=2.0.7",  # COCO's box AP for the detection transfer (maskco.evaluate.detect)
     ],
     extras_require={
         "dev": ["pytest", "hypothesis", "ruff"],  # ruff: `ruff check .` (ruff.toml), run by .ci/run

@@ -3,7 +3,8 @@
 For one fixed budget of epochs, identical for every method, on the same Fashion-MNIST images and seeds:
 
 1. write (or reuse) the Fashion-MNIST splits (``pipelines.fmnist``): every train image as unlabelled
-   pretraining data (``--data mosaics``: 2 x 2 mosaics of them instead, ``pipelines.mosaics``), a
+   pretraining data (``--data mosaics``: 2 x 2 mosaics of them instead, ``pipelines.mosaics``; ``--data scenes``:
+   scenes of 1-6 garments, ``pipelines.scenes``), a
    labelled train split (the kNN bank, linear training) and a labelled test split; and the region
    probe's mosaics (bank from train items, queries from test items);
 2. pretrain each variant through the trainer's own entry point (``maskco.train.main``, preset
@@ -78,8 +79,9 @@ def parse_args(argv):
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--variants", default="mocov2,maskco,supervised",
                         help=f"comma-separated, from {', '.join(VARIANTS)} (random init is always measured)")
-    parser.add_argument("--data", choices=("fmnist", "mosaics"), default="fmnist",
-                        help="pretraining images: single garments, or 2 x 2 mosaics of them")
+    parser.add_argument("--data", choices=("fmnist", "mosaics", "scenes"), default="fmnist",
+                        help="pretraining images: single garments, 2 x 2 mosaics of them, or scenes of 1-6 garments "
+                             "(pipelines.scenes)")
     parser.add_argument("--fmnist-dir", default=None, help="folder of the Fashion-MNIST IDX .gz files")
     parser.add_argument("--data-dir", default="data/fmnist", help="where the image-folder splits are written")
     parser.add_argument("--out-dir", default=None, help="default: runs/quality (runs/quality-mosaics)")
@@ -90,7 +92,8 @@ def parse_args(argv):
     parser.add_argument("--queue", type=int, help="MoCo v2's queue size (default: the preset's)")
     parser.add_argument("--probe-mosaics", type=int, nargs=2, metavar=("BANK", "QUERY"), dest="probe",
                         help="the region probe's bank and query mosaics, 4 items each (default: the preset's)")
-    parser.add_argument("--mosaics", type=int, help="pretraining mosaics with --data mosaics (default: the preset's)")
+    parser.add_argument("--mosaics", type=int,
+                        help="pretraining mosaics or scenes with --data mosaics | scenes (default: the preset's)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; rows give the mean and the spread")
     args, rest = parser.parse_known_args(argv)
     try:  # the rest is trainer overrides, in the trainer's grammar
@@ -105,8 +108,8 @@ def parse_args(argv):
     unknown = [name for name in names if name not in VARIANTS]
     if unknown or not names:
         parser.error(f"unknown variant(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(VARIANTS)}")
-    if args.data == "mosaics" and "supervised" in names:
-        names.remove("supervised")  # a mosaic has four labels: no single-label ceiling
+    if args.data != "fmnist" and "supervised" in names:
+        names.remove("supervised")  # a mosaic or a scene has several labels: no single-label ceiling
     try:
         args.seeds = [int(seed) for seed in args.seeds.split(",") if seed]
     except ValueError:
@@ -115,7 +118,7 @@ def parse_args(argv):
         attribute = {"pretrain": "pretrain_images", "train": "train_images", "test": "test_images"}.get(key, key)
         if getattr(args, attribute, None) is None:
             setattr(args, attribute, value)
-    args.out_dir = args.out_dir or ("runs/quality" if args.data == "fmnist" else "runs/quality-mosaics")
+    args.out_dir = args.out_dir or ("runs/quality" if args.data == "fmnist" else f"runs/quality-{args.data}")
     args.variants, args.overrides = names, overrides
     return args
 
@@ -264,8 +267,9 @@ def variant_row(args, variant: str, seed: int) -> dict:
 
 
 def prepare_data(args) -> dict:
-    """The splits, the probe's mosaics and (``--data mosaics``) the pretraining mosaics; one process only."""
-    from pipelines import fmnist, mosaics
+    """The splits, the probe's mosaics and (``--data mosaics`` / ``scenes``) the pretraining mosaics or scenes;
+    one process only."""
+    from pipelines import fmnist, mosaics, scenes
 
     source = args.fmnist_dir or fmnist.DEFAULT_DIR
     sizes = (args.pretrain_images, args.train_images, args.test_images)
@@ -276,6 +280,8 @@ def prepare_data(args) -> dict:
     args.probe = mosaics.write_probe_sets(probe_dir, source, *args.probe, seed=0)
     if args.data == "mosaics":
         splits["pretrain"] = mosaics.write_pretrain_mosaics(mosaic_dir, source, args.mosaics, seed=0)
+    elif args.data == "scenes":  # the pretraining scenes of make transfer's folder layout (its train/test unused)
+        splits["pretrain"] = scenes.write_scenes(f"{args.data_dir}-scenes", source, args.mosaics, seed=0)["pretrain"]
     return splits
 
 

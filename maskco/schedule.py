@@ -20,3 +20,19 @@ def ema_momentum(step: int, total: int, base: float, schedule: str) -> float:
     if schedule == "constant":
         return base
     return cosine(step, total, base, 1.0)
+
+
+def step_decay(step: int, total: int, peak: float, warmup: int, milestones: tuple[float, ...],
+               warmup_factor: float = 1e-3) -> float:
+    """detectron2's WarmupMultiStepLR as a function: linear warm-up from ``peak * warmup_factor`` over
+    ``warmup`` steps, then ``peak`` divided by 10 at each milestone (a fraction of ``total``: VOC's 18k and
+    22k of 24k are 3/4 and 11/12).
+
+    step: steps done so far (0-based); total: steps in the whole run.
+    """
+    drops = sum(step >= round(fraction * total) for fraction in milestones)
+    factor = 1.0
+    if step < warmup:
+        alpha = step / warmup
+        factor = warmup_factor * (1 - alpha) + alpha
+    return peak * factor * 0.1 ** drops

@@ -36,10 +36,22 @@ def build_classifier(cfg: Config, classes: int) -> torch.nn.Sequential:
         return torch.nn.Sequential(backbone, torch.nn.Linear(c5_channels(backbone), classes))
 
 
-def train_supervised(cfg: Config, classes: int, log_path: str) -> dict:
+def loss_of(logits: torch.Tensor, label: torch.Tensor, classes: int, multilabel: bool) -> torch.Tensor:
+    """logits [N, classes]; label [N]: a class, or (``multilabel``) the bit mask of the classes present."""
+    if not multilabel:
+        return F.cross_entropy(logits, label)
+    present = (label[:, None] >> torch.arange(classes, device=label.device)) & 1  # [N, classes]
+    return F.binary_cross_entropy_with_logits(logits, present.to(logits.dtype))
+
+
+def train_supervised(cfg: Config, classes: int, log_path: str, multilabel: bool = False) -> dict:
     """Train on ``cfg.data`` (a labelled ImageFolder) on the CPU; -> ``{"knn_curve", "exported", "step",
-    "first_loss", "last_loss"}``. Writes JSON lines (loss every ``log_every`` steps, kNN every epoch) to
-    ``log_path`` and the backbone to ``cfg.out_dir``."""
+    "first_loss", "last_loss"}``. Writes JSON lines (loss every ``log_every`` steps, kNN every ``knn_every``
+    epochs) to ``log_path`` and the backbone to ``cfg.out_dir``.
+
+    ``multilabel``: images with several objects (``pipelines.scenes``' ``pretrain_labels.txt``), whose label is
+    the bit mask of the classes present; the loss is then the binary cross-entropy of each class's presence
+    (the usual supervised pretraining on multi-object images), instead of the cross-entropy of one class."""
     device = torch.device("cpu")
     spec = MethodSpec.from_config(cfg, method="mocov2")  # MoCo v2's views: no box, nothing masked
     loader = pipelines.build_loader(cfg.backend, cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size,
@@ -60,7 +72,7 @@ def train_supervised(cfg: Config, classes: int, log_path: str) -> dict:
                 for batch in loader:
                     generator.manual_seed(step_seed(cfg.seed, step, 0))
                     x = inputs_from_noise(batch, spec, draw_noise(spec, len(batch), device, generator)).x_q
-                    value = F.cross_entropy(model(x), batch.label)
+                    value = loss_of(model(x), batch.label, classes, multilabel)
                     for group in optimizer.param_groups:
                         group["lr"] = schedule.cosine(step, total, peak, cfg.min_lr, 0)
                     optimizer.zero_grad(set_to_none=True)
@@ -70,6 +82,8 @@ def train_supervised(cfg: Config, classes: int, log_path: str) -> dict:
                     if step % cfg.log_every == 0 or step == total:
                         losses.append(value.item())
                         log.write(json.dumps({"time": time.time(), "step": step, "loss": losses[-1]}) + "\n")
+                if not cfg.knn_every or (epoch + 1) % cfg.knn_every:
+                    continue
                 result = knn_monitor(model[0], cfg.knn_train, cfg.knn_val, cfg.image_size, device, cfg.batch_size,
                                      None if cfg.workers < 0 else cfg.workers)
                 curve.append([step, result["top1"], result["top1_k20"]])

@@ -213,3 +213,70 @@ def _check_linear(parser, args) -> None:
         parser.error(f"--milestones must be epochs >= 1, got {args.milestones}")
     if args.nesterov and args.momentum <= 0:
         parser.error("--nesterov needs --momentum > 0 (or pass --no-nesterov)")
+
+
+# ---- detection fine-tuning (maskco.evaluate.detect)
+
+# Each preset sizes the detector and its schedule for a kind of data. voc / coco: MoCo's detectron2 configs
+# (VOC07+12 R50-C4 24k; COCO R50-C4 2x), 16 images per batch; scenes: pipelines.scenes' 64 px canvases on a
+# CPU (no resize, anchors and RoIs for 12-40 px garments, RoIAlign 8 x 8 into res5; at most 6 garments a scene, so
+# 100 proposals and 20 detections per test image, where detectron2 keeps 1000 and 100). proposals: the RPN's
+# boxes kept after NMS per image (training, test); detections: per test image. The schedule's shape is
+# the VOC config's: linear warm-up, then lr / 10 at each milestone (fractions of the iterations: VOC's
+# 18k / 22k of 24k are 3/4 and 11/12; COCO 2x's 120k / 160k of 180k are 2/3 and 8/9).
+DETECT_PRESETS = {
+    "scenes": {"iterations": 600, "batch_size": 8, "lr": 0.02, "warmup": 100, "milestones": (3 / 4, 11 / 12),
+               "min_size": (64,), "test_size": 64, "max_size": 64, "anchor_sizes": (12, 24, 48), "roi_size": 8,
+               "rois_per_image": 32, "rpn_batch": 64, "proposals": (300, 100), "detections": 20, "workers": 0},
+    "voc": {"iterations": 24000, "batch_size": 16, "lr": 0.02, "warmup": 100, "milestones": (3 / 4, 11 / 12),
+            "min_size": tuple(range(480, 801, 32)), "test_size": 800, "max_size": 1333,
+            "anchor_sizes": (32, 64, 128, 256, 512), "roi_size": 14, "rois_per_image": 512, "rpn_batch": 256,
+            "proposals": (2000, 1000), "detections": 100, "workers": 8},
+    "coco": {"iterations": 180000, "batch_size": 16, "lr": 0.02, "warmup": 100, "milestones": (2 / 3, 8 / 9),
+             "min_size": tuple(range(640, 801, 32)), "test_size": 800, "max_size": 1333,
+             "anchor_sizes": (32, 64, 128, 256, 512), "roi_size": 14, "rois_per_image": 512, "rpn_batch": 256,
+             "proposals": (2000, 1000), "detections": 100, "workers": 8},
+}
+DETECT_LAYOUTS = ("c4", "fpn")  # detection_model.LAYOUTS (a test checks)
+DETECT_FORMATS = ("auto", "coco", "voc")  # detection_data.FORMATS
+
+
+def detect_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _parser("maskco.evaluate.detect")
+    add_backbone_arguments(parser)
+    parser.add_argument("--data", required=True, help="a COCO-layout folder (annotations/instances_<split>.json and "
+                                                      "<split>/, e.g. pipelines.scenes) or a VOC root (VOCdevkit)")
+    parser.add_argument("--format", choices=DETECT_FORMATS, default="auto", help="auto: from the folder's layout")
+    parser.add_argument("--train-split", help="default: train (COCO layout), 2007-trainval+2012-trainval (VOC)")
+    parser.add_argument("--test-split", help="default: test (COCO layout), 2007-test (VOC)")
+    parser.add_argument("--preset", choices=sorted(DETECT_PRESETS), default="scenes",
+                        help="sizes and schedule (default scenes: 64 px canvases on a CPU; voc, coco: MoCo's configs)")
+    parser.add_argument("--layout", choices=DETECT_LAYOUTS, default="c4",
+                        help="c4: the paper's R50-C4 (RPN on C4, res5 as the box head); fpn: a feature pyramid")
+    for name, kind, text in (("iterations", int, "training iterations"), ("batch-size", int, "images per iteration"),
+                             ("lr", float, "peak learning rate"), ("warmup", int, "linear warm-up iterations"),
+                             ("roi-size", int, "RoIAlign output side"), ("rois-per-image", int, "RoIs per image"),
+                             ("workers", int, "image decode workers (0: in the main process)")):
+        parser.add_argument(f"--{name}", type=kind, help=f"{text} (default: the preset's)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--seed", type=int, default=0, help="data order, flips and the heads' initialisation")
+    parser.add_argument("--out-dir", help="default: runs/detect/<checkpoint's folder or random-<arch>>-<layout>")
+    parser.add_argument("--predictions", help="also write the test detections here, in COCO's results format")
+    parser.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N iterations (and on a signal)")
+    parser.add_argument("--resume", default="auto", help="auto (out_dir/detector_last.pt if present), none, or a path")
+    args = parser.parse_args(argv)
+    check_backbone_arguments(parser, args)
+    for key, value in DETECT_PRESETS[args.preset].items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    for name in ("iterations", "batch_size", "roi_size", "rois_per_image", "ckpt_every"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name, ok, must in (("lr", args.lr > 0, "> 0"), ("weight_decay", args.weight_decay >= 0, ">= 0"),
+                           ("momentum", 0 <= args.momentum < 1, "in [0, 1)"), ("warmup", args.warmup >= 0, ">= 0"),
+                           ("workers", args.workers >= 0, ">= 0"), ("seed", args.seed >= 0, ">= 0")):
+        if not (math.isfinite(getattr(args, name)) and ok):
+            parser.error(f"--{name.replace('_', '-')} must be finite and {must}, got {getattr(args, name)}")
+    return args
