@@ -183,8 +183,12 @@ def prepare_data(args) -> None:
     source = args.fmnist_dir or fmnist.DEFAULT_DIR
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
         raise ConfigError("make transfer runs in one process (the trainer's virtual GPUs stand in for several)")
+    # the labelled splits are make quality's (so the two share one folder); a smaller copy of the data gets all
+    available = {split: len(fmnist.load_split(source, name)[1])
+                 for split, name in (("train", "train"), ("test", "t10k"))}
     args.splits = fmnist.write_splits(os.path.join(args.data_dir, "fmnist"), source, args.single_images,
-                                      SPLITS["train"], SPLITS["test"], seed=0)
+                                      min(SPLITS["train"], available["train"]), min(SPLITS["test"], available["test"]),
+                                      seed=0)
     args.scenes_paths = scenes.write_scenes(os.path.join(args.data_dir, "scenes"), source, *args.scenes, seed=0)
 
 

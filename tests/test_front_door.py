@@ -84,7 +84,8 @@ def test_the_tools_answer_help_without_torch():
     # itself: its --help is torchrun's parser.
     tools = ("maskco.quality", "maskco.show", "maskco.bench", "maskco.export", "maskco.evaluate.knn",
              "maskco.evaluate.linear", "maskco.evaluate.region", "maskco.evaluate.localise", "pipelines.fmnist",
-             "pipelines.mosaics", "pipelines.sample_data", "pipelines.ffcv_writer")
+             "pipelines.mosaics", "pipelines.sample_data", "pipelines.ffcv_writer", "maskco.evaluate.detect",
+             "maskco.transfer", "pipelines.scenes")
     code = ("import runpy, sys\n"
             f"for name in {tools!r}:\n"
             "    sys.argv = [name, '--help']\n"
