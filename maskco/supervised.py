@@ -82,13 +82,12 @@ def train_supervised(cfg: Config, classes: int, log_path: str, multilabel: bool 
                     if step % cfg.log_every == 0 or step == total:
                         losses.append(value.item())
                         log.write(json.dumps({"time": time.time(), "step": step, "loss": losses[-1]}) + "\n")
-                if not cfg.knn_every or (epoch + 1) % cfg.knn_every:
-                    continue
-                result = knn_monitor(model[0], cfg.knn_train, cfg.knn_val, cfg.image_size, device, cfg.batch_size,
-                                     None if cfg.workers < 0 else cfg.workers)
-                curve.append([step, result["top1"], result["top1_k20"]])
-                log.write(json.dumps({"time": time.time(), "epoch": epoch + 1, "step": step,
-                                      **{f"knn_{k}": v for k, v in result.items()}}) + "\n")
+                if cfg.knn_every and (epoch + 1) % cfg.knn_every == 0:
+                    result = knn_monitor(model[0], cfg.knn_train, cfg.knn_val, cfg.image_size, device,
+                                         cfg.batch_size, None if cfg.workers < 0 else cfg.workers)
+                    curve.append([step, result["top1"], result["top1_k20"]])
+                    log.write(json.dumps({"time": time.time(), "epoch": epoch + 1, "step": step,
+                                          **{f"knn_{k}": v for k, v in result.items()}}) + "\n")
                 log.flush()
     finally:
         loader.close()

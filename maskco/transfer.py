@@ -8,8 +8,9 @@ For each seed, every backbone is measured the same way:
    unlabelled pretraining scenes from train items, detection train scenes from other train items, detection
    test scenes from test items, COCO annotations);
 2. pretrain MoCo v2 and MaskCo through the trainer (``maskco.train``, preset ``quality_cpu``: 32 px views, the
-   small-stem ResNet-18 at width 0.25, 8 virtual GPUs of 32), and the supervised arm (``maskco.supervised``:
-   the same network and views with the labels: one class per garment, the classes present per scene), **the
+   small-stem ResNet-18 at width 0.25, 8 virtual GPUs of 32; with MoCo v2's colour augmentation, ``COLOUR``),
+   and the supervised arm (``maskco.supervised``: the same network and views with the labels: one class per
+   garment, the classes present per scene), **the
    same number of steps on both pretraining sets**: single garments for ``--epochs`` epochs, scenes for as
    many steps;
 3. fine-tune a Faster R-CNN on the detection train scenes and score it on the test scenes with pycocotools
@@ -42,10 +43,23 @@ METHODS = ("random_init", "mocov2", "maskco", "supervised")
 PRETRAIN_DATA = ("single", "scenes")
 VARIANTS = {"mocov2": ["--method=mocov2"], "maskco": [], "supervised": []}  # trainer overrides, on the preset
 PRESET = "quality_cpu"  # the trainer's settings for every method (make quality's)
+# ... with MoCo v2's colour augmentation back (saturation and hue jitter, grey conversion): the preset drops it
+# for grey garments, where it changes nothing, but a scene's background has one random colour that both views
+# and all their boxes share, a shortcut that contrast learns instead of the garments (BENCHMARKS.md, transfer)
+COLOUR = ["--jitter=[0.4,0.4,0.4,0.1]", "--gray_prob=0.2"]
 QUEUE = 4096  # MoCo v2's queue on the CPU (make quality's: 16 steps of 256 keys)
 SPLITS = {"pretrain": 60000, "train": 10000, "test": 2000}  # make quality's Fashion-MNIST splits (reused)
 SCENES = {"pretrain": 30000, "train": 4000, "test": 1000}  # half as many pretraining scenes: twice the epochs
 RESULTS, FIGURE = "transfer.jsonl", "transfer.png"
+
+
+class StageEnded(Exception):
+    """A pretraining run ended without finishing: stopped by a signal (its checkpoint is kept; the same command
+    continues it), or failed (its own line already says why). ``code``: its exit code, which this command exits with."""
+
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
 
 
 def parse_args(argv):
@@ -99,7 +113,7 @@ def pretrain_args(args, method: str, data: str, seed: int) -> list[str]:
         source = args.scenes_paths["pretrain_labels"]  # the classes present, for the multi-label loss
     epochs = args.epochs if data == "single" else args.scene_epochs
     extra = [f"--queue_size={QUEUE}"] if method == "mocov2" else []
-    return [PRESET, *VARIANTS[method], *extra, f"--data={source}", f"--epochs={epochs}", "--knn_every=0",
+    return [PRESET, *COLOUR, *VARIANTS[method], *extra, f"--data={source}", f"--epochs={epochs}", "--knn_every=0",
             f"--knn_train={args.splits['train']}", f"--knn_val={args.splits['test']}", f"--seed={seed}",
             f"--out_dir={os.path.join(args.out_dir, f'{method}-{data}-seed{seed}')}", "--export=true",
             "--max_steps=0"]
@@ -126,8 +140,8 @@ def pretrain(args, method: str, data: str, seed: int) -> dict:
     else:
         code = train.main(argv)  # resumes a run this command started before, if any
         if code != 0:
-            raise RuntimeError(f"pretraining {method} on {data} stopped with exit code {code} "
-                               f"(see {cfg.out_dir}/log.jsonl)")
+            how = "was stopped; the same command continues it" if code in (130, 143) else "failed"
+            raise StageEnded(f"pretraining {method} on {data} {how} (exit code {code}; {cfg.out_dir}/log.jsonl)", code)
         finished = _finished(os.path.join(cfg.out_dir, "log.jsonl"))
         record = {"backbone": finished["exported"], "steps": finished["step"]}
     record["seconds"] = round(time.time() - began, 1)
@@ -239,6 +253,9 @@ def main(argv=None) -> int:
                 handle.write(json.dumps(rows[-1]) + "\n")
     except (ConfigError, DataError, ValueError) as error:
         return cli.fail("maskco.transfer", error)
+    except StageEnded as ended:
+        print(f"maskco.transfer: {ended}", file=sys.stderr)
+        return ended.code
     figure = transfer_report.plot(rows, os.path.join(args.out_dir, FIGURE))
     print(transfer_report.table(rows, settings, time.time() - began))
     print(f"results: {results}\nfigure: {figure}")
