@@ -2,6 +2,7 @@
 #   make pretrain                      CPU demo on the built-in sample data (or one GPU if present)
 #   make pretrain GPUS=8 DATA=/imagenet/train CONFIG=r50_imagenet_200ep BACKEND=dali
 #   make test | make bench | make show [CKPT=...] | make ffcv DATA=/imagenet OUT=/betons | make linear CKPT=...
+#   make bench-gpu [ARGS=--resume]      on a GPU node: every GPU figure of BENCHMARKS.md in one run (runs/gpu_check/)
 #   make quality [ARGS="--preset gpu --variants maskco,mocov2,maskco_no_mph"]   MaskCo vs MoCo v2 vs random init on Fashion-MNIST
 #   make transfer [ARGS="--seeds 0,1,2"]   detection AP after pretraining on single garments and on scenes
 SHELL := /bin/bash
@@ -48,7 +49,7 @@ PIP_QUIET = --disable-pip-version-check > $(VENV)/pip.log 2>&1 || { cat $(VENV)/
 # failed rank's code (2 bad input, 3 diverged, ...) instead of torchrun's 1
 LAUNCH := $(if $(MULTI),$(PY) -m maskco.launch --nproc_per_node=$(GPUS) --max-restarts=$(RESTARTS) $(RDZV),$(PY))
 
-.PHONY: help venv pretrain test bench show ffcv linear export sample quality transfer clean-venv
+.PHONY: help venv pretrain test bench bench-gpu show ffcv linear export sample quality transfer clean-venv
 .DEFAULT_GOAL := help
 
 # `make` alone: what there is to run (nothing is installed or built)
@@ -57,8 +58,9 @@ help:
 	@echo "  make pretrain   sets up .venv, builds the sample data, pretrains the CPU demo (GPU if there is one)"
 	@echo "  make test       sets up .venv and runs the tests"
 	@echo "Other targets: make pretrain GPUS=8 DATA=... CONFIG=... | make quality [ARGS=...] | make transfer [ARGS=...] |"
-	@echo "  make bench | make show [CKPT=...] | make ffcv DATA=... OUT=... | make linear CKPT=... TRAIN=... VAL=... |"
-	@echo "  make export CKPT=... | make sample | make venv EXTRAS=dev,ffcv,dali | make clean-venv"
+	@echo "  make bench | make bench-gpu | make show [CKPT=...] | make ffcv DATA=... OUT=... |"
+	@echo "  make linear CKPT=... TRAIN=... VAL=... | make export CKPT=... | make sample |"
+	@echo "  make venv EXTRAS=dev,ffcv,dali | make clean-venv"
 	@echo "README.md explains each; docs/DESIGN.md is the map of the code."
 
 $(VENV)/.installed: setup.py
@@ -83,6 +85,11 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m maskco.bench --backend=$(BENCH_BACKEND) $(DATA_ARG) $(ARGS)
+
+# the GPU acceptance run: stages, time limits and output in scripts/gpu_check.sh's header; ARGS=--resume
+# reruns only the unfinished stages, ARGS=--rehearse runs them all on a CPU with tiny sizes
+bench-gpu: $(VENV)/.installed
+	PY=$(PY) bash scripts/gpu_check.sh $(ARGS)
 
 # with CKPT the checkpoint's settings are the base (CONFIG would change its model): only DATA, BACKEND, ARGS
 show: $(VENV)/.installed

@@ -47,7 +47,7 @@ VARIANTS = {
     "mocov2": ["--method=mocov2"],
     "supervised": [],  # the same network and views trained with the labels (maskco.supervised)
     "maskco_intra": ["--intra_negatives=true"],  # MaskCo(+in)
-    "maskco_half_pixel": ["--roi_centering=half_pixel"],  # the old box -> C5 mapping (fidelity issue)
+    "maskco_half_pixel": ["--roi_centering=half_pixel"],  # the old box -> C5 mapping (DESIGN 4.4)
     "maskco_no_mph": ["--mph=none"],  # the paper's ablations
     "maskco_no_mask": ["--mask_mode=none"],
     "mocov2_one_gpu": ["--method=mocov2", "--virtual_gpus=1"],  # one BatchNorm group of 256

@@ -1,52 +1,46 @@
-"""The prepared GPU run (scripts/gpu_check.sh runs it): every figure the first lent GPU should bring back,
-in two device calls sized to the device budget, each figure kept the moment it is measured; and the same
-plan rehearsed on a CPU with tiny sizes (``--rehearse``), so it cannot rot between lent devices.
+"""The GPU acceptance run (``make bench-gpu``, i.e. scripts/gpu_check.sh): every GPU figure of BENCHMARKS.md
+on this machine's first GPU, in one run of a few minutes, each figure kept the moment it is measured; and
+the same plan rehearsed on a CPU with tiny sizes (``--rehearse``), so that it keeps working between GPU runs.
 
-    python3 scripts/gpu_plan.py --call 1 --out DIR [--rehearse] [--resume] [--commit REV]
-    python3 scripts/gpu_plan.py --list            the stages, their timeouts, and the device calls to make
+    python3 scripts/gpu_plan.py [--out DIR] [--resume] [--rehearse] [--commit REV]
+    python3 scripts/gpu_plan.py --list            the stages, their time limits and what each measures
 
-Each stage is one command (or several at once) under ``timeout -k``, its timeout cut to what is left of
-the call's budget, so the call always ends in time to send $OUT back. Every JSON line a stage prints is
-written at once, with the card, driver, versions and commit, to OUT/rows.jsonl; its other output goes to
-OUT/log.txt; a stage's own row says how it ended, and where a timeout cut it, after which row and line.
-OUT/summary.md is the table for BENCHMARKS.md. At most 8 files come back from a call: these three and the
-compile cache (OUT/inductor_cache.tar.xz, when small), which the next lent session carries back to start
-warm. Finished stages are recorded under runs/gpu_plan/ (kept on a warm machine): ``--resume`` reruns
-only what did not finish.
+Each stage is one command (or several at once) under ``timeout -k``, with its own time limit, so that a
+hung compile or loader costs that stage and not the run. Every JSON line a stage prints is written at once,
+with the card, driver, versions and commit, to OUT/rows.jsonl; all its output goes to OUT/log.txt; a stage's
+own row says how it ended, and where its time limit cut it, after which row and line. OUT/summary.md (also
+printed) is the table for BENCHMARKS.md with the targets. Finished stages are recorded in OUT/stages.json:
+``--resume`` reruns only the stages that did not finish. A stage that needs DALI is skipped, with the
+reason, where DALI is not installed (``make venv EXTRAS=dev,dali``).
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from dataclasses import dataclass, field
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-STATE = os.path.join(ROOT, "runs", "gpu_plan")
-CACHE = "/tmp/maskco-inductor"  # a fixed path: Inductor's cache entries name their folder
-CARRIED_CACHE = os.path.join(ROOT, ".carry", "inductor_cache.tar.xz")  # from a previous lent session
-DALI_SITE = "/tmp/maskco-dali"
 KILL_AFTER = 10  # seconds between timeout's SIGTERM and its SIGKILL (a compile may ignore the first)
-RESERVE = 20  # seconds of each call kept for the summary and the compile cache
-CACHE_LIMIT = 15 << 20  # the compile cache comes back only when smaller (a file may be 16 MiB)
-MAX_FILES = 8  # what a device call sends back
+CPUS = os.cpu_count() or 2
+NO_DALI = "DALI is not installed (make venv EXTRAS=dev,dali installs nvidia-dali-cuda130)"
 
 
 @dataclass
 class Stage:
     name: str
-    call: int
-    timeout: int  # seconds; the device's allowance (cold compiles included), used by the rehearsal too
+    timeout: int  # seconds: the GPU's allowance (cold compiles included), the rehearsal's too
     why: str
     commands: list = field(default_factory=list)  # several: run at once
     env: dict = field(default_factory=dict)  # added to the environment of its commands
+    needs: str = ""  # a module without which the stage is skipped, with the reason
 
 
 @dataclass
@@ -56,8 +50,8 @@ class Sizes:
     small: int = 32
     large: int = 128
     images: int = 4096  # 128 batches of 32, 32 of 128: a warm-up round and 3 repeats from one epoch
-    data_procs: int = 8
-    threads: int = 14
+    data_procs: int = min(8, CPUS)
+    threads: int = max(2, min(14, CPUS - 2))  # loader threads; two cores left to the step's own thread
     model: tuple = ()  # extra bench options
     steps: tuple = ("--steps=20", "--repeats=3", "--batches=30")
     steps_large: tuple = ("--steps=10", "--repeats=3", "--batches=8")
@@ -72,7 +66,7 @@ class Sizes:
     dali_tests: tuple = ("tests/test_dali.py",)
 
 
-DEVICE = Sizes()
+GPU = Sizes()
 REHEARSAL = Sizes(  # CPU stand-ins: ResNet-18 at 64 px with the CPU demo's heads, a step or two, eager where
     # CUDA graphs mean nothing, dynamo alone (backend "eager") for the compiled mode, DALI's CPU mode
     small=4, large=8, images=96, data_procs=2, threads=2,
@@ -84,59 +78,57 @@ REHEARSAL = Sizes(  # CPU stand-ins: ResNet-18 at 64 px with the CPU demo's head
     dali="dali-cpu", tests=("tests/test_roi.py", "tests/test_loss.py"), dali_tests=())
 
 
-def plan(rehearse: bool, py: str) -> list[Stage]:
-    """The stages in the order they run: per call, the figures most worth having first."""
-    s = REHEARSAL if rehearse else DEVICE
-    data = os.path.join(ROOT, "data", "gpu_plan" + ("_rehearsal" if rehearse else ""))
+def data_dir(rehearse: bool) -> str:
+    return os.path.join(ROOT, "data", "gpu_check" + ("_rehearsal" if rehearse else ""))
+
+
+def plan(rehearse: bool, py: str, out: str) -> list[Stage]:
+    """The stages in the order they run: the figures most worth having first, DALI's after torch's."""
+    s = REHEARSAL if rehearse else GPU
+    data = data_dir(rehearse)
     listing = os.path.join(data, "list.txt")
     bench = [py, "-m", "maskco.bench", *s.model, f"--threads={s.threads}", f"--compile-backend={s.compile_backend}",
              f"--data={listing}"]
     quiet = "decode,baseline,roi"
 
-    def at(batch, *extra):
-        return [*bench, f"--batch-size={batch}", f"--out-dir={STATE}/bench{batch}", f"--jsonl={STATE}/bench.jsonl",
-                *extra]
+    def at(batch, stage, *extra):
+        return [*bench, f"--batch-size={batch}", f"--out-dir={os.path.join(out, stage)}", *extra]
 
     per = s.images // s.data_procs
     make = ("import sys; from pipelines.sample_data import make_sample_data as m; "
             "m(sys.argv[1], num_images=int(sys.argv[2]), seed=int(sys.argv[3]))")
-    wheels = [py, "scripts/gpu_wheels.py"]
+    compiles = [at(batch, "compile", f"--compile-only={what}", f"--modes={mode}", f"--e2e-mode={mode}")
+                for batch in (s.small, s.large) for what, mode in s.compile_sets]
     return [
-        # ---- call 1: torch only
-        Stage("env", 1, 30, "imports torch, asks the driver", [[py, "-c", ENV]]),
-        Stage("data", 1, 60, f"{s.images} JPEGs, {s.data_procs} writers at once",
+        Stage("env", 60, "imports torch, asks the driver", [[py, "-c", ENV]]),
+        Stage("data", 90, f"{per * s.data_procs} JPEGs, {s.data_procs} writers at once",
               [[py, "-c", make, os.path.join(data, f"s{k}"), str(per), str(k)] for k in range(s.data_procs)]),
-        Stage("compile", 1, 110, "every graph set of call 1 compiled cold at once, one process each (60-100 s "
-              "each alone): the timed stages then load them from Inductor's cache",
-              [at(batch, f"--compile-only={what}", f"--modes={mode}", f"--e2e-mode={mode}")
-               for batch in (s.small, s.large) for what, mode in s.compile_sets],
-              env={"TORCHINDUCTOR_COMPILE_THREADS": "4"}),  # 6 x 4 compile workers on 16 cores, not 6 x 16
-        Stage("bench32", 1, 100, f"step at {s.small} in {s.modes} (cached: ~15 s of tracing each), boxes + "
-              "augmentation + masking, e2e torch without and with prefetch, then MaskCo against MoCo v2",
-              [at(s.small, "--backend=torch", f"--modes={s.modes}", f"--e2e-mode={s.e2e_mode}", f"--skip={quiet}",
-                  *s.steps)]),
-        Stage("pretrain", 1, 50, "the trainer, preset quality_gpu, graph-captured: its prefetch pair at "
-              f"{s.large} is cached", [[py, "-m", "maskco.train", "quality_gpu", f"--data={listing}", *s.pretrain,
-                                        "--knn_every=0", "--resume=none", "--export=false", f"--workers={s.threads}",
-                                        f"--out_dir={STATE}/pretrain", "--json"]]),
-        # ---- call 2: DALI (carried as parts, see scripts/gpu_wheels.py), then what call 1 left
-        Stage("env", 2, 30, "the environment again: this call may run on another machine", [[py, "-c", ENV]]),
-        Stage("dali", 2, 40, "join, check and unpack the carried parts; import DALI",
-              [[*wheels, "rehearse", ".whl", f"--images={data}"] if rehearse else
-               [*wheels, "unpack", ".whl", f"--target={DALI_SITE}", "--check-import"]]),
-        Stage("bench128", 2, 90, f"step at {s.large} in {s.modes}, e2e torch and DALI (cached when the machine "
-              "stayed warm)", [at(s.large, f"--backend=torch,{s.dali}", f"--modes={s.modes}", "--hw-decoder-load=0.9",
-                                  f"--e2e-mode={s.e2e_mode}", f"--skip={quiet},variants", *s.steps_large)]),
-        Stage("dali32", 2, 45, f"DALI's two views at {s.small} with 90 % of JPEGs on the hardware decoder, then "
-              "e2e (the graph-captured step at 32 is cached from call 1)",
-              [at(s.small, f"--backend={s.dali}", f"--modes={s.e2e_mode}", f"--skip={quiet},step",
-                  "--hw-decoder-load=0.9", *s.steps)]),
-        Stage("dali32_hw65", 2, 30, "DALI's two views at 0.65 on the hardware decoder (DALI's A100-era default)",
-              [at(s.small, f"--backend={s.dali}", f"--modes={s.e2e_mode}", f"--skip={quiet},step,e2e",
-                  "--hw-decoder-load=0.65", *s.steps)]),
-        Stage("tests", 2, 40, "the CUDA tests (DALI's GPU pipeline, RoI pool, loss, the captured step); "
-              "on a CPU they skip", [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k",
-                                      "cuda or gpu", *s.tests, *s.dali_tests]]),
+        Stage("compile", 240, f"the {len(compiles)} graph sets at {s.small} and {s.large} (compiled, graph-captured, "
+              "the prefetch pair) compiled cold at once, one process each: the timed stages then load them from "
+              "Inductor's cache", compiles,
+              env={"TORCHINDUCTOR_COMPILE_THREADS": str(max(1, CPUS // len(compiles)))}),  # not N x all cores
+        Stage("bench32", 180, f"step at {s.small} in {s.modes}, boxes + augmentation + masking, e2e torch without "
+              "and with prefetch, then MaskCo against MoCo v2",
+              [at(s.small, "bench32", "--backend=torch", f"--modes={s.modes}", f"--e2e-mode={s.e2e_mode}",
+                  f"--skip={quiet}", *s.steps)]),
+        Stage("bench128", 150, f"step at {s.large} in {s.modes}, e2e torch and DALI (DALI skipped, with the reason, "
+              "where it is not installed)",
+              [at(s.large, "bench128", f"--backend=torch,{s.dali}", f"--modes={s.modes}", "--hw-decoder-load=0.9",
+                  f"--e2e-mode={s.e2e_mode}", f"--skip={quiet},variants", *s.steps_large)]),
+        Stage("pretrain", 150, "the trainer, preset quality_gpu (ResNet-18 at 32 px, 8 virtual GPUs of 32), "
+              "graph-captured: its own graphs compiled cold, then its steps",
+              [[py, "-m", "maskco.train", "quality_gpu", f"--data={listing}", *s.pretrain, "--knn_every=0",
+                "--resume=none", "--export=false", f"--workers={s.threads}",
+                f"--out_dir={os.path.join(out, 'pretrain')}", "--json"]]),
+        Stage("dali32", 90, f"DALI's two views at {s.small} with 90 % of JPEGs on the hardware decoder, then e2e",
+              [at(s.small, "dali32", f"--backend={s.dali}", f"--modes={s.e2e_mode}", f"--skip={quiet},step",
+                  "--hw-decoder-load=0.9", *s.steps)], needs="nvidia.dali"),
+        Stage("dali32_hw65", 60, "DALI's two views at 0.65 on the hardware decoder (DALI's A100-era default)",
+              [at(s.small, "dali32_hw65", f"--backend={s.dali}", f"--modes={s.e2e_mode}",
+                  f"--skip={quiet},step,e2e", "--hw-decoder-load=0.65", *s.steps)], needs="nvidia.dali"),
+        Stage("tests", 120, "the CUDA tests (DALI's GPU pipeline, RoI pool, loss, the captured step); on a CPU "
+              "they skip", [[py, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "cuda or gpu", *s.tests,
+                             *s.dali_tests]]),
     ]
 
 
@@ -146,6 +138,17 @@ from maskco.bench.report import environment
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 print(json.dumps({"figure": "env", **environment(device, 0)}))
 """
+
+
+def missing(module: str) -> str:
+    """Why a stage that needs ``module`` cannot run here, or "" where it can."""
+    if not module:
+        return ""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except ImportError:  # its parent package is missing too
+        found = False
+    return "" if found else (NO_DALI if module.startswith("nvidia.dali") else f"{module} is not installed")
 
 
 # ---- output
@@ -197,7 +200,9 @@ def describe(row: dict) -> str:
         return "train " + " ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}"
                                    for k in ("step", "loss", "img_per_s") if k in row)
     if figure == "stage":
-        return (f"STAGE {name} {row['status']} in {row['seconds']:.0f} s (timeout {row['timeout']} s), "
+        if row["status"] == "skipped":
+            return f"STAGE {name} skipped: {row['reason']}"
+        return (f"STAGE {name} {row['status']} in {row['seconds']:.0f} s (limit {row['timeout']} s), "
                 f"{row['rows']} rows" + (f"; stopped after: {row['stopped_after']}" if row.get("stopped_after")
                                          else ""))
     keys = [k for k in row if k not in ("stage", "figure", "name")][:6]
@@ -205,13 +210,12 @@ def describe(row: dict) -> str:
 
 
 # ---- stages
-def run_stage(stage: Stage, output: Output, seconds: float, env: dict) -> dict:
+def run_stage(stage: Stage, output: Output, env: dict, kill_after: int = KILL_AFTER) -> dict:
     """Run the stage's commands at once, each under ``timeout -k``; -> its stage row."""
-    timeout = max(1, int(min(stage.timeout, seconds)))
     started, first = time.monotonic(), len(output.rows)
     last_line = [""]
     env = {**env, **stage.env}
-    procs = [subprocess.Popen(["timeout", "-k", str(KILL_AFTER), str(timeout), *command], cwd=ROOT, env=env,
+    procs = [subprocess.Popen(["timeout", "-k", str(kill_after), str(stage.timeout), *command], cwd=ROOT, env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                               bufsize=1) for command in stage.commands]
 
@@ -229,10 +233,9 @@ def run_stage(stage: Stage, output: Output, seconds: float, env: dict) -> dict:
         thread.join(timeout=30)
     rows = [r for r in output.rows[first:] if r.get("figure") not in ("env", "log")]
     cut = any(code in (124, 137) for code in codes)
-    status = "cut by its timeout" if cut else ("ok" if not any(codes) else "failed")
-    result = {"figure": "stage", "name": stage.name, "call": stage.call, "status": status, "returncodes": codes,
-              "seconds": time.monotonic() - started, "timeout": timeout, "planned_timeout": stage.timeout,
-              "rows": len(rows), "why": stage.why}
+    status = "cut by its time limit" if cut else ("ok" if not any(codes) else "failed")
+    result = {"figure": "stage", "name": stage.name, "status": status, "returncodes": codes,
+              "seconds": time.monotonic() - started, "timeout": stage.timeout, "rows": len(rows), "why": stage.why}
     if status != "ok":
         where = rows[-1] if rows else None
         result["stopped_after"] = (f"row {where['figure']} {where.get('name', '')}".strip() if where else "no row") + \
@@ -254,62 +257,75 @@ def write_listing(root: str) -> None:
         handle.writelines(f"{path}\n" for path in paths)
 
 
-# ---- one call
-def run_call(call: int, out: str, rehearse: bool, budget: float, resume: bool, commit: str, py: str) -> int:
-    began = time.monotonic()
-    os.makedirs(STATE, exist_ok=True)
-    output = Output(out, {"commit": commit, "plan_call": call, "rehearsal": rehearse})
-    env = child_env(call, rehearse, commit)
-    state_path = os.path.join(STATE, f"call{call}{'_rehearsal' if rehearse else ''}.json")
-    done = _load(state_path) if resume else {}
-    if not resume and os.path.exists(os.path.join(STATE, "bench.jsonl")):
-        os.remove(os.path.join(STATE, "bench.jsonl"))
-    if os.path.exists(CARRIED_CACHE) and not os.path.exists(CACHE) and not rehearse:
-        with tarfile.open(CARRIED_CACHE) as tar:  # a previous session's compiled code: start warm
-            tar.extractall(CACHE)
-    print(f"call {call}{' (rehearsal on this CPU)' if rehearse else ''}: budget {budget:.0f} s", flush=True)
+# ---- one run
+def run_plan(out: str, rehearse: bool, resume: bool, commit: str, py: str) -> int:
+    """Every stage in order (those ``resume`` finds finished are replayed from OUT/stages.json); -> 0, 1 when a
+    stage failed or was cut, 2 when there is no GPU to measure (without ``rehearse``)."""
+    state_path = os.path.join(out, "stages.json")
+    state = _load(state_path) if resume else {}
+    if state.get("rehearsal", rehearse) != rehearse:
+        print(f"{state_path} is from a {'rehearsal' if state['rehearsal'] else 'GPU run'}: starting over")
+        state = {}
+    done = state.get("stages", {})
+    if not os.path.exists(os.path.join(data_dir(rehearse), "list.txt")):
+        done.pop("data", None)  # the images are gone: write them again
+    # rows.jsonl holds this run's rows (a finished stage's replayed); log.txt keeps every run's lines on resume
+    clear(out, ["rows.jsonl", "summary.md"] + ([] if done else ["log.txt", "stages.json"]))
+    stages = plan(rehearse, py, out)
+    output = Output(out, {"commit": commit, "rehearsal": rehearse})
+    env = child_env(rehearse, commit)
+    print(f"GPU acceptance run{' (rehearsal on this CPU)' if rehearse else ''}: {len(stages)} stages, at most "
+          f"{sum(s.timeout for s in stages) / 60:.0f} min; rows in {out}", flush=True)
     failed = False
-    for stage in [s for s in plan(rehearse, py) if s.call == call]:
+    for stage in stages:
         if stage.name in done:
             for row in done[stage.name]:
                 output.row(stage.name, {**row, "resumed": True})
             continue
-        left = budget - RESERVE - (time.monotonic() - began)
-        if left < 5:
-            output.row(stage.name, {"figure": "stage", "name": stage.name, "call": call, "status": "not reached",
-                                    "seconds": 0.0, "timeout": 0, "rows": 0, "why": stage.why})
-            failed = True
+        clear(out, [stage.name])  # its folder (bench.jsonl, chart, trainer's log) from an earlier run
+        reason = missing(stage.needs)
+        if reason:
+            output.row(stage.name, {"figure": "stage", "name": stage.name, "status": "skipped", "reason": reason,
+                                    "seconds": 0.0, "timeout": stage.timeout, "rows": 0, "why": stage.why})
             continue
-        result = run_stage(stage, output, left, env)
+        result = run_stage(stage, output, env)
         if stage.name == "data" and result["status"] == "ok":
-            write_listing(os.path.dirname(stage.commands[0][-3]))
+            write_listing(data_dir(rehearse))
         output.row(stage.name, result)
         failed |= result["status"] != "ok"
-        if result["status"] == "ok":
+        if stage.name == "env" and not rehearse and not output.env.get("gpu"):
+            print("ERROR: no CUDA device here: make bench-gpu measures a GPU (bash scripts/gpu_check.sh --rehearse "
+                  "runs every stage on this CPU, tiny sizes)" if result["status"] == "ok" else
+                  f"ERROR: the env stage {result['status']}: {os.path.join(out, 'log.txt')} says why", file=sys.stderr)
+            write_summary(output)
+            return 2
+        if result["status"] == "ok" and stage.name != "env":  # the environment is asked again on every run
             done[stage.name] = [r for r in output.rows if r["stage"] == stage.name and r.get("figure") != "stage"]
-            _save(state_path, done)
-    if not rehearse:
-        bundle_cache(output)
-    write_summary(output)
-    files = os.listdir(out)
-    print(f"{len(files)} files in {out}: {', '.join(sorted(files))}")
-    if len(files) > MAX_FILES:
-        print(f"ERROR: more than {MAX_FILES} files in {out}; a device call returns {MAX_FILES}", file=sys.stderr)
-        return 1
+            _save(state_path, {"rehearsal": rehearse, "stages": done})
+    print(write_summary(output))
+    print(f"written: {', '.join(sorted(os.listdir(out)))} in {out}")
     return 1 if failed else 0
 
 
-def child_env(call: int, rehearse: bool, commit: str) -> dict:
+def clear(out: str, names: list[str]) -> None:
+    """Remove these files or folders of OUT that an earlier run wrote (nothing else of OUT is touched)."""
+    for name in names:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
+def child_env(rehearse: bool, commit: str) -> dict:
+    """The stages' environment: this tree first on the path, the commit (for a tree without .git), and
+    Inductor's caches on, so that the timed stages load what the compile stage compiled."""
     env = dict(os.environ)
-    path = [ROOT] + ([DALI_SITE] if call == 2 and not rehearse else [])
-    env.update(PYTHONPATH=os.pathsep.join(path + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                                  if p and p not in path]),
-               PYTHONUNBUFFERED="1", MASKCO_COMMIT=commit, TORCHINDUCTOR_FX_GRAPH_CACHE="1",
-               TORCHINDUCTOR_AUTOGRAD_CACHE="1")
+    paths = [ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != ROOT]
+    env.update(PYTHONPATH=os.pathsep.join(paths), PYTHONUNBUFFERED="1", MASKCO_COMMIT=commit,
+               TORCHINDUCTOR_FX_GRAPH_CACHE="1", TORCHINDUCTOR_AUTOGRAD_CACHE="1")
     if rehearse:  # a small shared CPU: one intra-op thread each (two spinning on a busy core run 3x slower)
         env.update(OMP_NUM_THREADS="1")
-    else:  # the rehearsal leaves this machine's cache where it is
-        env["TORCHINDUCTOR_CACHE_DIR"] = CACHE
     return env
 
 
@@ -320,42 +336,26 @@ def _load(path: str) -> dict:
         return json.load(handle)
 
 
-def _save(path: str, done: dict) -> None:
+def _save(path: str, state: dict) -> None:
     with open(path + ".tmp", "w", encoding="utf-8") as handle:
-        json.dump(done, handle)
+        json.dump(state, handle)
     os.replace(path + ".tmp", path)
 
 
-def bundle_cache(output: Output) -> None:
-    """OUT/inductor_cache.tar.xz when small: the next lent session carries it as .carry/ and starts warm."""
-    if not os.path.isdir(CACHE):
-        return
-    raw = sum(os.path.getsize(os.path.join(d, n)) for d, _, names in os.walk(CACHE) for n in names)
-    path = os.path.join(output.out, "inductor_cache.tar.xz")
-    started, done = time.monotonic(), False
-    if raw <= 40 * CACHE_LIMIT:  # else it would not compress under the limit in the time kept for it
-        try:
-            done = subprocess.run(["tar", "-C", CACHE, "--use-compress-program=xz -T0 -3", "-cf", path, "."],
-                                  capture_output=True, timeout=RESERVE - 8).returncode == 0
-        except subprocess.TimeoutExpired:
-            done = False
-    size = os.path.getsize(path) if os.path.exists(path) else 0
-    kept = done and 0 < size <= CACHE_LIMIT
-    if not kept and os.path.exists(path):
-        os.remove(path)  # a partial or too large archive never goes back
-    output.row("cache", {"figure": "compile_cache", "name": "inductor", "raw_bytes": raw, "bytes": size,
-                         "kept": kept, "seconds": time.monotonic() - started})
-
-
 # ---- the table for BENCHMARKS.md
-def write_summary(output: Output) -> None:
+def write_summary(output: Output) -> str:
+    """OUT/summary.md: the environment, each stage's end, every measured figure, the pretrain and the
+    targets; -> its text."""
     rows, env = output.rows, output.env
-    lines = [f"# GPU plan, call {env.get('plan_call')}: {env.get('gpu') or 'CPU'} "
+    lines = [f"# GPU acceptance run: {env.get('gpu') or 'CPU'} "
              f"(driver {env.get('driver')}, torch {env.get('torch')}, CUDA {env.get('cuda')}, DALI {env.get('dali')}), "
              f"commit {env.get('commit')}{' - a rehearsal on a CPU' if env.get('rehearsal') else ''}", "",
-             "| stage | status | seconds | timeout | rows |", "|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['status']}{' (resumed)' if r.get('resumed') else ''} | {r['seconds']:.0f} | "
-              f"{r['timeout']} | {r['rows']} |" for r in rows if r.get("figure") == "stage"]
+             "| stage | status | seconds | limit | rows |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("figure") == "stage":
+            status = f"skipped: {r['reason']}" if r["status"] == "skipped" else r["status"]
+            lines.append(f"| {r['name']} | {status}{' (resumed)' if r.get('resumed') else ''} | {r['seconds']:.0f} | "
+                         f"{r['timeout']} | {r['rows']} |")
     lines += ["", "| stage | figure | name | batch | img/s (min-max) | warm-up s | data wait | graphs / skips |",
               "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -365,18 +365,22 @@ def write_summary(output: Output) -> None:
             warm = f"{r['warmup_s']:.0f}" if "warmup_s" in r else ""
             lines.append(f"| {r['stage']} | {r['figure']} | {r['name']} | {r.get('batch_size', '')} | "
                          f"{r['img_per_s']:.1f} ({r['min']:.1f}-{r['max']:.1f}) | {warm} | {wait} | {graphs} |")
+    lines += [f"| {r['stage']} | skipped | {r['name']} | | {r['reason']} | | | |" for r in rows
+              if r.get("figure") == "skipped"]
     trained = [r for r in rows if r.get("figure") == "train" and "img_per_s" in r]
     if trained:
         lines += ["", "pretrain (quality_gpu): " + ", ".join(f"step {r['step']} loss {r.get('loss', float('nan')):.3f} "
                                                              f"{r['img_per_s']:.0f} img/s" for r in trained)]
     lines += ["", *[f"- {line}" for r in rows if r.get("figure") == "targets" for line in r.get("lines", [])]]
     lines += ["", *goals(rows)]
+    text = "\n".join(lines) + "\n"
     with open(os.path.join(output.out, "summary.md"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
+        handle.write(text)
+    return text
 
 
 def goals(rows: list[dict]) -> list[str]:
-    """The issue's GPU targets (benchmarks, not tests), from this call's rows, where it has them."""
+    """The GPU targets of BENCHMARKS.md (benchmarks, not tests), from this run's rows, where it has them."""
     get = {(r["stage"], r["figure"], r.get("name", "")): r["img_per_s"] for r in rows
            if "img_per_s" in r and r.get("figure") != "train"}
     out = []
@@ -398,49 +402,34 @@ def goals(rows: list[dict]) -> list[str]:
     return out
 
 
-def listing(py: str) -> str:
-    """The stages and the device calls that run them (what gpu_check.sh's header summarises)."""
-    lines = []
-    for stage in plan(False, py):
-        lines.append(f"call {stage.call}  {stage.name:<9} timeout {stage.timeout:>4} s  x{len(stage.commands)}  "
-                     f"{stage.why}")
-    commit = _revision()
-    for call in (1, 2):
-        total = sum(s.timeout for s in plan(False, py) if s.call == call)
-        lines.append(f"call {call}: stage timeouts add up to {total} s, cut to its budget of {BUDGETS[call]} s")
-    carry = {1: ', carry=[".carry"]' if os.path.exists(CARRIED_CACHE) else "", 2: ', carry=[".whl"]'}
-    for call in (1, 2):
-        lines.append(f'run(command="bash scripts/gpu_check.sh --call {call} --commit {commit}"{carry[call]}, '
-                     f"timeout_s={BUDGETS[call] + 15})")
+def listing(py: str, out: str) -> str:
+    """The stages, their time limits and what each measures (what gpu_check.sh's header summarises)."""
+    stages = plan(False, py, out)
+    lines = [f"{stage.name:<11} limit {stage.timeout:>4} s  x{len(stage.commands)}  {stage.why}"
+             + (f" [needs {stage.needs}]" if stage.needs else "") for stage in stages]
+    lines.append(f"the limits add up to {sum(s.timeout for s in stages) / 60:.0f} min")
     return "\n".join(lines)
 
 
-BUDGETS = {1: 255, 2: 195}  # seconds inside a call of timeout_s 270 / 210 (the rest: start-up, sending $OUT)
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--call", default="1", help="1, 2 or all")
-    parser.add_argument("--out", default=os.environ.get("OUT", os.path.join(ROOT, "runs", "gpu_check")))
+    parser = argparse.ArgumentParser(prog="scripts/gpu_check.sh", description="The GPU acceptance run: every GPU "
+                                     "figure of BENCHMARKS.md, each stage under its own time limit.")
+    parser.add_argument("--out", default="", help="where rows.jsonl, log.txt and summary.md go (default: "
+                        "runs/gpu_check, or runs/gpu_check_rehearsal with --rehearse)")
     parser.add_argument("--rehearse", action="store_true", help="every stage on this CPU, tiny sizes")
-    parser.add_argument("--resume", action="store_true", help="skip the stages this machine already finished")
-    parser.add_argument("--budget", type=float, default=0, help="seconds for the call (default: the plan's)")
-    parser.add_argument("--commit", default=os.environ.get("MASKCO_COMMIT", ""))
-    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="rerun only the stages that did not finish in OUT")
+    parser.add_argument("--commit", default=os.environ.get("MASKCO_COMMIT", ""),
+                        help="the revision to record (default: git's; for a copy of the tree without .git)")
+    parser.add_argument("--list", action="store_true", help="print the stages and their time limits")
     args = parser.parse_args(argv)
+    out = os.path.abspath(args.out or os.path.join(ROOT, "runs", "gpu_check" + ("_rehearsal" if args.rehearse else "")))
     py = sys.executable
     if args.list:
-        print(listing(py))
+        print(listing(py, out))
         return 0
-    commit = args.commit or _revision()
     if shutil.which("timeout") is None:
         parser.error("needs coreutils' timeout")
-    calls = (1, 2) if args.call == "all" else (int(args.call),)
-    code = 0
-    for call in calls:
-        out = args.out if len(calls) == 1 else os.path.join(args.out, f"call{call}")
-        code |= run_call(call, out, args.rehearse, args.budget or BUDGETS[call], args.resume, commit, py)
-    return code
+    return run_plan(out, args.rehearse, args.resume, args.commit or _revision(), py)
 
 
 def _revision() -> str:

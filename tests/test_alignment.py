@@ -1,4 +1,4 @@
-"""Each RoI is centred on its box through the trunk, whatever the flips (DESIGN 4.4, issue 10).
+"""Each RoI is centred on its box through the trunk, whatever the flips (DESIGN 4.4).
 
 Where a feature looks is measured the way a network sees it: the gradient of a C5 cell (or of a pooled
 region, summed over channels) with respect to the input, and the centroid of its magnitude, in continuous
@@ -16,7 +16,7 @@ from maskco import boxes, model
 MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None] * 255  # [3, 1, 1] ImageNet, on the uint8 scale
 STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None] * 255
 SOURCE = 256  # source image side in pixels; views are cut from it like a loader does
-TOLERANCE = 0.03  # of the source side: the issue's bound on query-vs-positive disagreement
+TOLERANCE = 0.03  # of the source side: the bound on query-vs-positive disagreement
 MAPPINGS = ("default", "half_pixel")  # the Encoder's default roi_centering (receptive), and the old mapping
 
 

@@ -238,7 +238,7 @@ def test_a_killed_bench_keeps_the_rows_it_measured(tmp_path, sample_root):
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_graph_captured_step_replays_cuda_graphs_without_skips_on_cuda():
     """The graph-captured figure counts Inductor's CUDA-graph skips and the graphs recorded: a skip would make
-    "graph-captured" time the compiled step without graphs (scripts/gpu_check.sh runs this on a lent GPU)."""
+    "graph-captured" time the compiled step without graphs (make bench-gpu runs this on a GPU)."""
     import torch
 
     from maskco.bench import capture

@@ -1,6 +1,5 @@
 """``python -m maskco.bench.reference_mocov2``: a plain MoCo v2 loop, written apart from the trainer, to
-compare the trainer's learning curve with (issue "it learns", item 5; BENCHMARKS.md "Why the old setup
-failed").
+compare the trainer's learning curve with (BENCHMARKS.md "Why the old setup failed").
 
 Nothing of the trainer's step, loader, augmentation, loss or optimiser is used: torchvision transforms
 on the Fashion-MNIST arrays (RandomResizedCrop(32, 0.2-1) of the 28 px image, flip, brightness and
@@ -159,7 +158,7 @@ def main(argv=None):
     parser.add_argument("--stem", default="cifar")
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--init", choices=trunk.INITS, default="pytorch",
-                        help="the convs' random init (pytorch: nn.Conv2d's default, as the issue's reference)")
+                        help="the convs' random init (pytorch: nn.Conv2d's default, a ResNet written from nn.Conv2d)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--head-hidden", type=int, default=0, help="0: the C5 width (MoCo's builder.py)")

@@ -1,5 +1,5 @@
 """The bench's output: the environment record, the JSON lines, the terminal table, the chart
-(``chart.py``), and the targets of the benchmark issue as ratios of figures measured in the same run
+(``chart.py``), and the speed targets (BENCHMARKS.md) as ratios of figures measured in the same run
 (reported, never asserted)."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def environment(device, threads: int) -> dict:
 
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
     capability = ".".join(map(str, torch.cuda.get_device_capability(device))) if gpu else None
-    revision = git_revision()  # a copy of the tree without .git (a lent GPU machine): the caller says
+    revision = git_revision()  # a copy of the tree without .git: MASKCO_COMMIT says (gpu_plan.py --commit)
     return {"machine": platform.node(), "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
             "threads": threads, "gpu": gpu, "capability": capability, "driver": gpu and _driver(),
             "cuda": torch.version.cuda, "torch": torch.__version__, "torchvision": torchvision.__version__,
@@ -130,7 +130,7 @@ def target_rates(rows: list[dict]) -> dict:
 
 
 def targets(rows: list[dict]) -> list[str]:
-    """The issue's targets, as ratios of figures measured in this run (reported, never asserted)."""
+    """The speed targets, as ratios of figures measured in this run (reported, never asserted)."""
     get = {(r["figure"], r["name"]): r["img_per_s"] for r in rows if "img_per_s" in r}
     lines = []
     best_ready = max((v for (f, _), v in get.items() if f == "ready"), default=None)
