@@ -300,7 +300,7 @@ def run_plan(out: str, rehearse: bool, resume: bool, commit: str, py: str) -> in
             write_summary(output)
             return 2
         if result["status"] == "ok" and stage.name != "env":  # the environment is asked again on every run
-            done[stage.name] = [r for r in output.rows if r["stage"] == stage.name and r.get("figure") != "stage"]
+            done[stage.name] = [r for r in output.rows if r["stage"] == stage.name]  # its stage row last
             _save(state_path, {"rehearsal": rehearse, "stages": done})
     print(write_summary(output))
     print(f"written: {', '.join(sorted(os.listdir(out)))} in {out}")

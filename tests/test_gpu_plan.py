@@ -81,6 +81,8 @@ def test_resume_reruns_only_the_unfinished_stages(tmp_path, monkeypatch):
     rows = _rows(os.path.join(out, "rows.jsonl"))  # this run's rows only, the finished stage's replayed
     assert [(r["stage"], r["figure"], r.get("resumed", False)) for r in rows if r["figure"] != "stage"] == [
         ("one", "x", True), ("two", "x", False)]
+    assert [(r["name"], r["status"], r.get("resumed", False)) for r in rows if r["figure"] == "stage"] == [
+        ("one", "ok", True), ("two", "failed", False)]
     assert gpu_plan.run_plan(out, True, False, "abc", sys.executable) == 1  # without --resume: all again
     assert marker.read_text().split() == ["one", "two", "two", "one", "two"]
 
