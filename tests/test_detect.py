@@ -219,3 +219,12 @@ def test_voc_is_read_as_detectron2_reads_it(tmp_path):
     assert len(voc.eval_paths) == 3 and [a["iscrowd"] for a in voc.coco["annotations"]] == [0, 1, 0, 0]
     with pytest.raises(detection_data.DataError, match="2010"):
         detection_data.load_split(str(tmp_path), "2010-trainval")
+
+
+def test_the_command_lines_lists_are_the_libraries():
+    # tool_args declares the choices without torch; they must be what the detector and the readers accept
+    from maskco import tool_args
+    from maskco.evaluate import detection_model
+
+    assert tool_args.DETECT_LAYOUTS == detection_model.LAYOUTS
+    assert tool_args.DETECT_FORMATS == detection_data.FORMATS
